@@ -1,0 +1,228 @@
+"""The frozen backbone: real offline ImageNet weights, taps, freezing, weights files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tfa_ray.backbones import FeatureExtractor, lite0_key_map, load_pretrained_weights
+from tfa_ray.config import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig
+
+EGYPTIAN_CAT = 285
+PAPER_TAPS = ("maxpool", "layer1", "layer2", "layer3")
+
+
+def _chelsea(size: int) -> torch.Tensor:
+    """skimage's cat photo as a (1, 3, size, size) float RGB batch in [0, 1]."""
+    skimage_data = pytest.importorskip("skimage.data")
+    img = torch.from_numpy(np.ascontiguousarray(skimage_data.chelsea())).permute(2, 0, 1)
+    img = img[None].float() / 255.0
+    return F.interpolate(img, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
+
+
+def _imagenet_normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _cat_probability(weights: str) -> tuple[int, float]:
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    load_pretrained_weights(model, BackboneConfig(weights=weights))
+    with torch.no_grad():
+        probs = model(_imagenet_normalise(_chelsea(224))).softmax(dim=-1)[0]
+    return int(probs.argmax()), float(probs[EGYPTIAN_CAT])
+
+
+# --- builtin EfficientNet-Lite0 ----------------------------------------------------------------
+
+
+def test_builtin_weights_are_imagenet_pretrained() -> None:
+    top1, p_cat = _cat_probability("builtin")
+    assert top1 == EGYPTIAN_CAT
+    assert p_cat > 0.5  # measured 0.80 with ImageNet mean/std
+
+    torch.manual_seed(0)
+    top1_random, p_cat_random = _cat_probability("random")
+    assert top1_random != EGYPTIAN_CAT
+    assert p_cat_random < 0.05
+
+
+def test_lite0_key_map_is_one_to_one_and_explicit() -> None:
+    src = [
+        "_conv_stem.weight",
+        "_blocks.0._depthwise_conv.weight",
+        "_blocks.0._project_conv.weight",
+        "_blocks.1._expand_conv.weight",
+        "_blocks.1._bn2.running_var",
+        "_blocks.2._bn0.bias",
+        "_blocks.2._expand_conv.weight",
+        "_fc.bias",
+    ]
+    mapping = lite0_key_map(src, stage_depths=[1, 2])
+    assert mapping["_blocks.0._depthwise_conv.weight"] == "blocks.0.0.conv_dw.weight"
+    assert mapping["_blocks.0._project_conv.weight"] == "blocks.0.0.conv_pw.weight"
+    assert mapping["_blocks.1._expand_conv.weight"] == "blocks.1.0.conv_pw.weight"
+    assert mapping["_blocks.1._bn2.running_var"] == "blocks.1.0.bn3.running_var"
+    assert mapping["_blocks.2._bn0.bias"] == "blocks.1.1.bn1.bias"
+    assert mapping["_fc.bias"] == "classifier.bias"
+    with pytest.raises(ValueError, match="unknown"):
+        lite0_key_map(["_blocks.0._mystery.weight"], stage_depths=[1])
+
+
+def test_builtin_only_fits_lite0() -> None:
+    model = timm.create_model("resnet18", pretrained=False)
+    with pytest.raises(ValueError, match="tf_efficientnet_lite0"):
+        load_pretrained_weights(model, BackboneConfig(name="resnet18", weights="builtin"))
+
+
+@pytest.fixture(scope="module")
+def lite0() -> FeatureExtractor:
+    return FeatureExtractor(BackboneConfig(), feature_size=64)
+
+
+def test_lite0_features_shape_and_channels(lite0: FeatureExtractor) -> None:
+    assert lite0.tap_channels == (24, 40, 112)
+    assert lite0.out_channels == 176
+    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    out = lite0(x)
+    assert out.shape == (2, 176, 64, 64)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_lite0_taps_match_the_classifier_network(lite0: FeatureExtractor) -> None:
+    """The first 24 channels are blocks.1 of the same normalised image at stride 4 (no resize)."""
+    x = _chelsea(256)
+    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    load_pretrained_weights(ref, BackboneConfig())
+    seen: list[torch.Tensor] = []
+    ref.blocks[1].register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        ref.forward_features(_imagenet_normalise(x))
+    torch.testing.assert_close(lite0(x)[:, :24], seen[0], rtol=1e-4, atol=1e-4)
+
+
+def test_backbone_is_frozen_and_stays_in_eval(lite0: FeatureExtractor) -> None:
+    assert not any(p.requires_grad for p in lite0.parameters())
+
+    parent = nn.ModuleDict({"backbone": lite0, "head": nn.Linear(2, 2)})
+    parent.train()
+    assert parent["head"].training
+    assert not lite0.training
+    assert not any(m.training for m in lite0.modules())
+
+    x = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with torch.enable_grad():
+        a = lite0(x)
+        b = lite0(x)
+    assert a.grad_fn is None and not a.requires_grad
+    assert torch.equal(a, b)
+    assert a.shape == (1, 176, 64, 64)
+
+
+def test_unknown_tap_is_a_clear_error() -> None:
+    cfg = BackboneConfig(taps=("blocks.1", "block.9"), weights="random")
+    with pytest.raises(ValueError, match=r"unknown tap 'block\.9'.*blocks") as info:
+        FeatureExtractor(cfg, feature_size=16)
+    assert "tf_efficientnet_lite0" in str(info.value)
+
+
+# --- weights files: the paper backbone ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wrn50_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch.manual_seed(1234)
+    state = timm.create_model("wide_resnet50_2", pretrained=False).state_dict()
+    root = tmp_path_factory.mktemp("weights")
+    files = {"safetensors": root / "wrn50.safetensors", "pt": root / "wrn50.pt"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(files["safetensors"]))
+    torch.save({"state_dict": state, "epoch": 3}, files["pt"])  # nested, like a checkpoint
+    return files
+
+
+def _paper_cfg(weights: str) -> BackboneConfig:
+    return BackboneConfig(name="wide_resnet50_2", taps=PAPER_TAPS, weights=weights)
+
+
+def _assert_weights_equal(fe: FeatureExtractor, path: Path) -> None:
+    saved = load_file(str(path))
+    ours = fe.model.state_dict()
+    assert ours.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(ours[name], value), name
+
+
+def test_wrn50_from_safetensors_file(wrn50_files: dict[str, Path]) -> None:
+    fe = FeatureExtractor(_paper_cfg(str(wrn50_files["safetensors"])), feature_size=64)
+    _assert_weights_equal(fe, wrn50_files["safetensors"])
+    assert fe.tap_channels == (64, 256, 512, 1024)
+    assert fe.out_channels == 1856
+
+    layer4_calls: list[int] = []
+    fe.model.layer4.register_forward_hook(lambda m, i, o: layer4_calls.append(1))
+    out = fe(torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2)))
+    assert out.shape == (1, 1856, 64, 64)
+    assert layer4_calls == []  # stopped after layer3: layer4 is never computed
+
+
+def test_wrn50_from_torch_save_checkpoint(wrn50_files: dict[str, Path]) -> None:
+    fe = FeatureExtractor(_paper_cfg(str(wrn50_files["pt"])), feature_size=64)
+    _assert_weights_equal(fe, wrn50_files["safetensors"])
+    assert fe.out_channels == 1856
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere-wrn50.safetensors"
+    with pytest.raises(FileNotFoundError, match="nowhere-wrn50.safetensors"):
+        FeatureExtractor(_paper_cfg(str(missing)), feature_size=64)
+
+
+def test_weights_of_another_architecture(tmp_path: Path) -> None:
+    path = tmp_path / "resnet18.pt"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    with pytest.raises(ValueError, match="resnet18.pt") as info:
+        FeatureExtractor(_paper_cfg(str(path)), feature_size=64)
+    assert "mismatch" in str(info.value)
+
+
+def test_not_a_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        FeatureExtractor(_paper_cfg(str(path)), feature_size=64)
+
+
+def test_wrn50_from_s3(
+    wrn50_files: dict[str, Path], s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    boto3 = pytest.importorskip("boto3")
+    from tfa_ray import storage
+
+    for var, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+    }.items():
+        monkeypatch.setenv(var, value)
+    storage.clear_cache()
+    bucket = "backbone-weights"
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    s3.upload_file(str(wrn50_files["safetensors"]), bucket, "models/wrn50.safetensors")
+    try:
+        fe = FeatureExtractor(_paper_cfg(f"s3://{bucket}/models/wrn50.safetensors"), 64)
+        _assert_weights_equal(fe, wrn50_files["safetensors"])
+        with pytest.raises(FileNotFoundError, match="s3://backbone-weights/models/nope.pt"):
+            FeatureExtractor(_paper_cfg(f"s3://{bucket}/models/nope.pt"), 64)
+    finally:
+        storage.clear_cache()

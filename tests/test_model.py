@@ -1,0 +1,108 @@
+"""TFA-Net (Algorithm 1): shapes, sizes, the template path and masking."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from tfa_ray.config import get_preset
+from tfa_ray.model import Detector, TFANet, count_parameters, sincos_pos_embed_2d
+
+
+def tiny_net(**kw) -> TFANet:
+    cfg = dataclasses.replace(get_preset("test-tiny").model, **kw)
+    return TFANet(cfg, channels=12)
+
+
+def test_paper_preset_has_the_papers_sizes():
+    cfg = get_preset("paper").model
+    assert (cfg.patch_size, cfg.tfam_depth, cfg.tfam_dim, cfg.tfam_heads) == (4, 12, 768, 12)
+    assert (cfg.fdrm_depth, cfg.fdrm_dim, cfg.fdrm_heads) == (8, 512, 16)
+    net = TFANet(cfg, channels=1856)
+    # The reference configuration comes to about 149 M trainable parameters without backbone.
+    assert 148e6 < count_parameters(net) < 150e6
+    assert net.num_tokens == (64 // 4) ** 2
+
+
+def test_reconstruction_has_the_input_feature_shape_with_and_without_masking():
+    net = tiny_net()
+    phi = torch.randn(3, 12, 16, 16)
+    e_t = net.embed(torch.randn(1, 12, 16, 16))
+    assert net(phi, e_t).shape == phi.shape
+    assert net(phi, e_t, mask_ratio=0.75).shape == phi.shape
+
+
+def test_unpatchify_inverts_the_patch_layout():
+    net = tiny_net()
+    K, g, C = 2, 8, 12
+    x = torch.randn(2, C, g * K, g * K)
+    tokens = x.reshape(2, C, g, K, g, K).permute(0, 2, 4, 3, 5, 1).reshape(2, g * g, K * K * C)
+    assert torch.equal(net.unpatchify(tokens), x)
+
+
+def test_random_masking_keeps_the_right_number_of_distinct_tokens():
+    net = tiny_net()
+    e = torch.arange(64.0)[None, :, None].expand(2, 64, 4)
+    kept = net.random_masking(e, 0.75)
+    assert kept.shape == (2, 16, 4)
+    for b in range(2):
+        assert len(set(kept[b, :, 0].tolist())) == 16
+
+
+def test_masking_changes_the_output_and_zero_ratio_is_deterministic():
+    torch.manual_seed(0)
+    net = tiny_net().eval()
+    phi = torch.randn(1, 12, 16, 16)
+    e_t = net.embed(torch.randn(1, 12, 16, 16))
+    with torch.no_grad():
+        a, b = net(phi, e_t), net(phi, e_t)
+        c = net(phi, e_t, mask_ratio=0.5)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_output_depends_on_the_input_only_through_the_template_half():
+    """Discarding the input half: the output changes with the input features (via attention)."""
+    torch.manual_seed(0)
+    net = tiny_net().eval()
+    e_t = net.embed(torch.randn(1, 12, 16, 16))
+    with torch.no_grad():
+        out1 = net(torch.randn(1, 12, 16, 16), e_t)
+        out2 = net(torch.randn(1, 12, 16, 16), e_t)
+    assert not torch.allclose(out1, out2)
+
+
+def test_positions_are_fixed_and_distinct():
+    pos = sincos_pos_embed_2d(32, 8)
+    assert pos.shape == (64, 32)
+    assert torch.cdist(pos, pos).add(torch.eye(64)).min() > 1e-3
+    with pytest.raises(AssertionError):
+        sincos_pos_embed_2d(30, 8)
+
+
+def test_detector_backbone_is_frozen_and_template_embedding_cached():
+    preset = get_preset("test-tiny")
+    det = Detector(preset.model, torch.rand(3, 64, 64))
+    trainable = {n for n, p in det.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("net.") for n in trainable)
+    det.train()
+    assert not det.backbone.training
+    det.eval()
+    with torch.no_grad():
+        e1 = det.template_embedding()
+        e2 = det.template_embedding()
+    assert e1 is e2  # computed once per model at inference
+    phi, phi_hat = det(torch.rand(2, 3, 64, 64))
+    assert phi.shape == phi_hat.shape == (2, det.backbone.out_channels, 16, 16)
+
+
+def test_template_is_normalised_like_inputs():
+    """The template's features equal the features of the same image passed as an input."""
+    preset = get_preset("test-tiny")
+    img = torch.rand(3, 64, 64)
+    det = Detector(preset.model, img).eval()
+    det.set_feature_stats(
+        torch.randn(det.backbone.out_channels), torch.rand(det.backbone.out_channels) + 0.5
+    )
+    with torch.no_grad():
+        assert torch.allclose(det.features(img[None]), det.template_phi, atol=1e-5)

