@@ -106,3 +106,23 @@ def test_template_is_normalised_like_inputs():
     )
     with torch.no_grad():
         assert torch.allclose(det.features(img[None]), det.template_phi, atol=1e-5)
+
+
+def test_complementary_masking_never_uses_a_positions_own_input_token():
+    torch.manual_seed(0)
+    net = tiny_net().eval()
+    K = net.cfg.patch_size
+    phi = torch.randn(1, 12, 16, 16)
+    e_t = net.embed(torch.randn(1, 12, 16, 16))
+    changed = phi.clone()
+    changed[:, :, 2 * K : 3 * K, 5 * K : 6 * K] += 10.0  # token (2, 5) only
+    with torch.no_grad():
+        a = net.forward_complementary(phi, e_t, passes=4)
+        b = net.forward_complementary(changed, e_t, passes=4)
+        plain_a, plain_b = net(phi, e_t), net(changed, e_t)
+    region = (slice(None), slice(None), slice(2 * K, 3 * K), slice(5 * K, 6 * K))
+    assert torch.allclose(a[region], b[region], atol=1e-5)
+    assert not torch.allclose(a, b)  # other positions do see it
+    assert not torch.allclose(plain_a[region], plain_b[region])  # the paper's pass would
+    groups = net.token_groups(4)
+    assert sorted(groups.flatten().tolist()) == list(range(net.num_tokens))

@@ -58,6 +58,9 @@ def test_write_is_atomic_and_cleans_up(tmp_path) -> None:
         storage.write_bytes(url, "not bytes")  # type: ignore[arg-type]
     assert storage.read_bytes(url) == b"new"  # the failed write left the old file intact
     assert os.listdir(tmp_path) == ["f.bin"]  # and no temp file behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(url).st_mode & 0o777 == 0o666 & ~umask  # readable like a plain open()
 
 
 def test_file_urls(tmp_path) -> None:

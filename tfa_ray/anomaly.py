@@ -37,7 +37,7 @@ def reconstruction_loss(
     l_euc = euclidean_term(phi, phi_hat).mean()
     l_cos = cosine_term(phi, phi_hat).mean()
     loss = cfg.w_euc * l_euc + cfg.w_cos * l_cos
-    return loss, {"l_euc": l_euc.item(), "l_cos": l_cos.item()}
+    return loss, {"l_euc": l_euc.detach().item(), "l_cos": l_cos.detach().item()}
 
 
 def gaussian_kernel1d(sigma: float, device: torch.device | None = None) -> torch.Tensor:

@@ -48,6 +48,9 @@ class ModelConfig:
     fdrm_heads: int = 16
     mlp_ratio: float = 4.0
     mask_ratio: float = 0.75  # fraction of input tokens dropped in training
+    # Inference: 0 = the paper (all input tokens visible); P > 1 = P complementary passes,
+    # each position reconstructed only from the passes in which it is hidden.
+    test_mask_passes: int = 0
     # Per-channel standardisation of the fused features with statistics of the training
     # set: keeps low-magnitude channels from vanishing in the Euclidean terms.
     standardize_features: bool = False
@@ -60,7 +63,9 @@ class AnomalyConfig:
     w_euc: float = 1.0
     w_cos: float = 5.0
     sigma: float = 4.0  # Gaussian smoothing at 256 px; scaled with the image size
-    score: str = "std"  # "std" (paper), "max", or "topk" (mean of the top-k fraction)
+    # "std" (paper), "max", "topk" (mean of the top-k fraction), or "auto": the kind that best
+    # separates held-out normals from synthetic anomalies, chosen in training
+    score: str = "std"
     topk_fraction: float = 0.01
 
 

@@ -97,9 +97,10 @@ def save_overlays(
 ) -> None:
     """The ``num`` highest-scoring and a few normal test images, for a human look."""
     os.makedirs(out_dir, exist_ok=True)
-    order = list(np.argsort(-scores)[: num // 2])
-    normals = [i for i, s in enumerate(samples) if s.label == 0][: num - len(order)]
-    for i in order + [i for i in normals if i not in order]:
+    chosen = [int(i) for i in np.argsort(-scores)[: num // 2]]
+    normals = [i for i, s in enumerate(samples) if s.label == 0 and i not in chosen]
+    chosen += normals[: num - len(chosen)]
+    for i in chosen:
         image = (load_image(samples[i].path, model.image_size) * 255).byte()
         heat = heatmap_uint8(maps[i], model.calibration)
         mask = None if masks is None else masks[i]

@@ -13,6 +13,8 @@ wraps the frozen backbone, the network and the template, whose features are comp
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -127,11 +129,21 @@ class TFANet(nn.Module):
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, g * K, g * K)
 
     def forward(
-        self, phi: torch.Tensor, e_template: torch.Tensor, mask_ratio: float = 0.0
+        self,
+        phi: torch.Tensor,
+        e_template: torch.Tensor,
+        mask_ratio: float = 0.0,
+        visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """phi: (B, C, H, W) input features; e_template: (1, N, D) embedded template features."""
+        """phi: (B, C, H, W) input features; e_template: (1, N, D) embedded template features.
+
+        ``mask_ratio`` drops a random subset of input tokens (training); ``visible`` keeps
+        exactly these token indices instead (complementary masking at test time).
+        """
         e_input = self.embed(phi)
-        if mask_ratio > 0:
+        if visible is not None:
+            e_input = e_input[:, visible]
+        elif mask_ratio > 0:
             e_input = self.random_masking(e_input, mask_ratio)
         n_input = e_input.shape[1]
         e_cat = torch.cat([e_input, e_template.expand(phi.shape[0], -1, -1)], dim=1)
@@ -141,6 +153,36 @@ class TFANet(nn.Module):
         for block in self.fdrm:  # feature detail refinement
             e = block(e)
         return self.unpatchify(self.inverse_proj(self.norm(e)))
+
+    def token_groups(self, passes: int) -> torch.Tensor:
+        """(passes, N / passes) token indices: an s x s lattice split (s^2 = passes), so each
+        pass sees a regular, scattered subset like the random training masks."""
+        s = math.isqrt(passes)
+        if s * s != passes or self.grid % s:
+            raise ValueError(f"test_mask_passes must be a square dividing the grid, got {passes}")
+        ys, xs = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
+        group = ((ys % s) * s + xs % s).flatten()
+        return torch.stack([torch.nonzero(group == g)[:, 0] for g in range(passes)])
+
+    def forward_complementary(
+        self, phi: torch.Tensor, e_template: torch.Tensor, passes: int
+    ) -> torch.Tensor:
+        """Reconstruct every position only from passes in which its own input token is hidden.
+
+        Masked training teaches the net to fill in hidden tokens from context and the template;
+        scoring each position from passes that never saw it keeps an anomaly from being
+        reconstructed by copying itself.
+        """
+        groups = self.token_groups(passes).to(phi.device)
+        K = self.cfg.patch_size
+        total = torch.zeros_like(phi)
+        for visible in groups:
+            hidden = torch.ones(self.num_tokens, device=phi.device)
+            hidden[visible] = 0.0
+            weight = hidden.view(1, 1, self.grid, self.grid).repeat_interleave(K, 2)
+            weight = weight.repeat_interleave(K, 3)
+            total = total + self(phi, e_template, visible=visible) * weight
+        return total / (passes - 1)
 
 
 class Detector(nn.Module):
@@ -204,6 +246,9 @@ class Detector(nn.Module):
 
     def reconstruct(self, phi: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
         """phi_hat(I) from already computed features (training uses cached features)."""
+        passes = self.cfg.test_mask_passes
+        if not self.training and passes > 1:
+            return self.net.forward_complementary(phi, self.template_embedding(), passes)
         return self.net(phi, self.template_embedding(), mask_ratio)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

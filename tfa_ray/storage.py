@@ -9,8 +9,8 @@ reads; this module never logs them or puts them into error messages.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
+import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
@@ -34,6 +34,7 @@ _LOCAL_PROTOCOLS = ("", "file", "local")
 _S3_PROTOCOLS = ("s3", "s3a")
 _FS_CACHE: dict[tuple[str, str | None], fsspec.AbstractFileSystem] = {}
 _FS_LOCK = threading.Lock()
+_FS_PID = os.getpid()
 
 
 def _split(url: str) -> tuple[str, str]:
@@ -85,7 +86,11 @@ def get_fs(url: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFi
     else:
         key = (protocol, endpoint_url)
         path = rest
+    global _FS_PID
     with _FS_LOCK:
+        if _FS_PID != os.getpid():  # a forked child (DataLoader worker): the parent's
+            _FS_CACHE.clear()  # S3 clients and event loop are not usable here
+            _FS_PID = os.getpid()
         fs = _FS_CACHE.get(key)
         if fs is None:
             fs = _make_fs(*key)
@@ -170,7 +175,9 @@ def write_bytes(url: str, data: bytes, endpoint_url: str | None = None) -> None:
     if isinstance(fs, LocalFileSystem):
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+        # hidden temp name: listings skip it; mode 0o666 minus umask like a plain open()
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

@@ -15,6 +15,7 @@ Train worker loop (training on Ray lives with the orchestration code). What it g
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from tfa_ray.anomaly import Calibration, anomaly_map, calibrate, image_score, reconstruction_loss
-from tfa_ray.config import Preset
+from tfa_ray.config import AnomalyConfig, Preset
 from tfa_ray.data import CategoryData, check_images, load_image, template_path
 from tfa_ray.metrics import aupro, image_auroc
 from tfa_ray.model import Detector
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainResult:
     detector: Detector
+    preset: Preset  # as trained; a score kind of "auto" is resolved to the selected one
     calibration: Calibration
     template_path: str
     history: list[dict] = field(default_factory=list)
@@ -142,9 +144,9 @@ def autocast(device: torch.device):
 @torch.no_grad()
 def predict_features(
     detector: Detector, phi: torch.Tensor, preset: Preset, device: torch.device, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Anomaly maps, image scores and mean loss for cached features (eval mode)."""
-    maps, scores, losses = [], [], []
+) -> tuple[torch.Tensor, float]:
+    """Anomaly maps and mean loss for cached features (eval mode)."""
+    maps, losses = [], []
     for i in range(0, len(phi), batch_size):
         x = phi[i : i + batch_size].to(device).float()
         with autocast(device):
@@ -152,31 +154,89 @@ def predict_features(
         loss, _ = reconstruction_loss(x, x_hat, preset.anomaly)
         amap = anomaly_map(x, x_hat, preset.model.image_size, preset.anomaly)
         maps.append(amap.cpu())
-        scores.append(image_score(amap, preset.anomaly).cpu())
-        losses.append(float(loss) * len(x))
-    return torch.cat(maps), torch.cat(scores), sum(losses) / len(phi)
+        losses.append(loss.item() * len(x))
+    return torch.cat(maps), sum(losses) / len(phi)
+
+
+SCORE_KINDS = ("std", "max", "topk")
+
+
+def best_image_score(
+    normal_maps: torch.Tensor, anomalous_maps: torch.Tensor, cfg: AnomalyConfig
+) -> tuple[str, float]:
+    """The image score kind that best separates held-out normals from their synthetic-anomaly
+    copies, and its AUROC. ``score="auto"`` tries every kind; otherwise the configured one."""
+    kinds = SCORE_KINDS if cfg.score == "auto" else (cfg.score,)
+    labels = np.r_[np.zeros(len(normal_maps)), np.ones(len(anomalous_maps))]
+    best = ("", -1.0)
+    for kind in kinds:
+        kind_cfg = dataclasses.replace(cfg, score=kind)
+        scores = torch.cat(
+            [image_score(normal_maps, kind_cfg), image_score(anomalous_maps, kind_cfg)]
+        )
+        auc = image_auroc(labels, scores.numpy())
+        if auc > best[1]:
+            best = (kind, auc)
+    return best
 
 
 def selection_score(
-    normal_scores: torch.Tensor,
-    anomalous_scores: torch.Tensor,
-    anomalous_maps: torch.Tensor,
-    masks: torch.Tensor,
-    normal_maps: torch.Tensor,
-) -> tuple[float, dict[str, float]]:
+    normal_maps: torch.Tensor, anomalous_maps: torch.Tensor, masks: torch.Tensor, cfg: AnomalyConfig
+) -> tuple[float, dict]:
     """Mean of image AUROC and AUPRO on held-out normals vs. their synthetic-anomaly copies.
 
     Pixel maps are average-pooled 4x (masks max-pooled) to keep this cheap every epoch.
     """
-    labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(anomalous_scores))]
-    scores = np.r_[normal_scores.numpy(), anomalous_scores.numpy()]
-    img = image_auroc(labels, scores)
+    kind, img = best_image_score(normal_maps, anomalous_maps, cfg)
     pool = torch.nn.functional.avg_pool2d
     maps = pool(torch.cat([normal_maps, anomalous_maps])[:, None], 4)[:, 0].numpy()
     gt = torch.cat([torch.zeros_like(normal_maps, dtype=torch.bool), masks])
     gt = torch.nn.functional.max_pool2d(gt[:, None].float(), 4)[:, 0].numpy() > 0
     pro = aupro(gt, maps)
-    return 0.5 * (img + pro), {"val_image_auroc": img, "val_aupro": pro}
+    return 0.5 * (img + pro), {"val_image_auroc": img, "val_aupro": pro, "score_kind": kind}
+
+
+def shard_batch(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Worker ``rank``'s share of a global batch (strided, like DistributedSampler). A batch
+    smaller than the world is wrapped around so every worker steps (DDP needs all of them)."""
+    if len(batch) < world_size:
+        return batch[rank % len(batch) : rank % len(batch) + 1]
+    return batch[rank::world_size]
+
+
+def checkpoint_state(
+    epoch: int,
+    step: int,
+    history: list[dict],
+    best: dict,
+    detector: Detector,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> dict:
+    """Everything needed to continue training after ``epoch``: tensors, numbers and strings
+    only, so ``torch.load(..., weights_only=True)`` reads it back without unpickling code."""
+    return {
+        "epoch": epoch,
+        "step": step,
+        "history": copy.deepcopy(history),
+        "best": {k: v for k, v in best.items() if k != "state"},
+        "best_state": best.get("state") or {},
+        "net": detector.net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+    }
+
+
+def restore_state(
+    state: dict, detector: Detector, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> tuple[int, int, list[dict], dict]:
+    """Load a :func:`checkpoint_state` dict; returns (epochs done, step, history, best)."""
+    detector.net.load_state_dict(state["net"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    best = dict(state["best"])
+    best["state"] = state["best_state"] or None
+    return int(state["epoch"]), int(state["step"]), list(state["history"]), best
 
 
 def fit(
@@ -188,8 +248,18 @@ def fit(
     device: str | torch.device | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
     echo: Callable[[str], None] = print,
+    resume_state: dict | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> TrainResult:
-    """Train one TFA-Net on ``data.train`` (normal images only) and calibrate it."""
+    """Train one TFA-Net on ``data.train`` (normal images only) and calibrate it.
+
+    For Ray Train (all default to plain in-process training): ``on_checkpoint`` receives the
+    resumable state after every epoch (see :func:`checkpoint_state`), ``resume_state`` continues
+    from such a state, ``wrap_model`` wraps ``detector.net`` for the training forward pass (DDP)
+    and ``shard=(rank, world_size)`` trains on this worker's share of every global batch.
+    """
     t_start = time.perf_counter()
     cfg, tcfg = preset.model, preset.train
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -230,15 +300,28 @@ def fit(
     best = {"score": -math.inf, "epoch": -1, "state": None}
     t_train = time.perf_counter()
     step = 0
-    for epoch in range(tcfg.epochs):
+    start_epoch = 0
+    if resume_state is not None:  # a restarted worker continues after its last checkpoint
+        start_epoch, step, history, best = restore_state(
+            resume_state, detector, optimizer, generator
+        )
+        t_train -= history[-1]["elapsed_s"] if history else 0.0
+    train_net = wrap_model(detector.net) if wrap_model is not None else None
+    for epoch in range(start_epoch, tcfg.epochs):
         detector.train()
         t_epoch = time.perf_counter()
         order = torch.randperm(len(train_phi), generator=generator)
         total, seen = 0.0, 0
         for i in range(0, len(order), tcfg.batch_size):
-            phi = train_phi[order[i : i + tcfg.batch_size]].to(device).float()
+            batch = order[i : i + tcfg.batch_size]
+            if shard is not None:  # data parallel: this worker's share of the global batch
+                batch = shard_batch(batch, *shard)
+            phi = train_phi[batch].to(device).float()
             with autocast(device):
-                phi_hat = detector.reconstruct(phi, mask_ratio=cfg.mask_ratio)
+                if train_net is None:
+                    phi_hat = detector.reconstruct(phi, mask_ratio=cfg.mask_ratio)
+                else:  # the wrapped (DDP) net; in training mode the same as reconstruct
+                    phi_hat = train_net(phi, detector.template_embedding(), cfg.mask_ratio)
             loss, _ = reconstruction_loss(phi, phi_hat, preset.anomaly)
             progress = step / total_steps
             if tcfg.time_budget_s:
@@ -249,18 +332,16 @@ def fit(
             loss.backward()
             optimizer.step()
             step += 1
-            total += float(loss) * len(phi)
+            total += loss.detach().item() * len(phi)
             seen += len(phi)
         train_time = time.perf_counter() - t_epoch
 
         detector.eval()
-        maps_n, scores_n, val_loss = predict_features(
+        maps_n, val_loss = predict_features(
             detector, val_normal_phi, preset, device, tcfg.batch_size
         )
-        maps_a, scores_a, _ = predict_features(
-            detector, val_anom_phi, preset, device, tcfg.batch_size
-        )
-        sel, parts = selection_score(scores_n, scores_a, maps_a, val.masks, maps_n)
+        maps_a, _ = predict_features(detector, val_anom_phi, preset, device, tcfg.batch_size)
+        sel, parts = selection_score(maps_n, maps_a, val.masks, preset.anomaly)
         elapsed = time.perf_counter() - t_train
         eta = elapsed / (epoch + 1) * (tcfg.epochs - epoch - 1)
         record = {
@@ -278,6 +359,7 @@ def fit(
             best = {
                 "score": sel,
                 "epoch": epoch + 1,
+                "kind": parts["score_kind"],
                 "state": copy.deepcopy(detector.net.state_dict()),
             }
         echo(
@@ -288,10 +370,12 @@ def fit(
         )
         if on_epoch_end is not None:
             on_epoch_end(record)
-        if tcfg.patience and epoch + 1 - best["epoch"] >= tcfg.patience:
-            echo(
-                f"[{data.category}] early stop: selection flat for {tcfg.patience} epochs"
+        if on_checkpoint is not None:
+            on_checkpoint(
+                checkpoint_state(epoch + 1, step, history, best, detector, optimizer, generator)
             )
+        if tcfg.patience and epoch + 1 - best["epoch"] >= tcfg.patience:
+            echo(f"[{data.category}] early stop: selection flat for {tcfg.patience} epochs")
             break
         if tcfg.time_budget_s and elapsed + elapsed / (epoch + 1) > tcfg.time_budget_s:
             echo(f"[{data.category}] stopping: time budget of {tcfg.time_budget_s:.0f}s reached")
@@ -299,17 +383,21 @@ def fit(
 
     detector.net.load_state_dict(best["state"])
     detector.eval()
-    maps_n, scores_n, _ = predict_features(
-        detector, val_normal_phi, preset, device, tcfg.batch_size
+    preset = dataclasses.replace(
+        preset, anomaly=dataclasses.replace(preset.anomaly, score=best["kind"])
     )
+    maps_n, _ = predict_features(detector, val_normal_phi, preset, device, tcfg.batch_size)
+    scores_n = image_score(maps_n, preset.anomaly)
     calibration = calibrate(scores_n.numpy(), maps_n.numpy(), tcfg.target_fpr)
     wall = time.perf_counter() - t_start
     echo(
-        f"[{data.category}] best epoch {best['epoch']} (selection {best['score']:.4f}); "
+        f"[{data.category}] best epoch {best['epoch']} (selection {best['score']:.4f}, "
+        f"image score {best['kind']}); "
         f"threshold {calibration.threshold:.5g} at FPR {tcfg.target_fpr:g}; {wall:.0f}s"
     )
     return TrainResult(
         detector=detector.cpu(),
+        preset=preset,
         calibration=calibration,
         template_path=tpl,
         history=history,

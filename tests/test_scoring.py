@@ -1,0 +1,307 @@
+"""The Ray Data scoring pipeline: every input gives exactly one row, bad files become error
+rows, and runs survive a killed actor and a killed driver."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tfa_ray import scoring
+from tfa_ray.synth import make_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def _png(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, **kw).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _texture(seed: int, size: int = 64) -> np.ndarray:
+    return make_image("texture", size, np.random.default_rng(seed))
+
+
+def good_archive(root: Path, n: int, category: str = "texture") -> list[str]:
+    d = root / category / "line-1"
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = d / f"img{i:03d}.png"
+        p.write_bytes(_png(_texture(i)))
+        paths.append(str(p))
+    return paths
+
+
+def bad_archive(root: Path) -> dict[str, tuple[str, str | None, tuple[int, int] | None]]:
+    """Every kind of awkward input; name -> (expected status, error substring, (w, h))."""
+    t = root / "texture"
+    t.mkdir(parents=True)
+    rgb = _texture(1, 64)
+    png = _png(rgb)
+    jpg = _jpeg(Image.fromarray(_texture(2, 80)))
+    files: dict[str, bytes] = {
+        "good.png": png,
+        "big_ok.jpg": _jpeg(Image.fromarray(_texture(3, 96)).resize((120, 90))),
+        "zero.png": b"",
+        "truncated.png": png[: len(png) // 2],
+        "truncated.jpg": jpg[: len(jpg) // 2],
+        "text.png": b"this is not an image, just text with an image extension\n",
+        "sixteen.png": _png(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20),
+        "rgba.png": _png(np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)])),
+        "palette.png": b"",
+        "cmyk.jpg": _jpeg(Image.fromarray(rgb).convert("CMYK")),
+        "grey.jpg": _jpeg(Image.fromarray(rgb).convert("L")),
+        "bomb.png": _png(np.zeros((300, 300, 3), np.uint8)),
+    }
+    buf = io.BytesIO()
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(buf, "PNG")
+    files["palette.png"] = buf.getvalue()
+    # EXIF orientation 6 (rotate 90 degrees clockwise to view): stored 70 x 50, shown 50 x 70
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files["rotated.jpg"] = _jpeg(Image.fromarray(_texture(4, 70)).resize((70, 50)), exif=exif)
+    for name, data in files.items():
+        (t / name).write_bytes(data)
+    os.symlink(t / "deleted-before-read.png", t / "unreadable.png")  # listed, cannot be read
+    other = root / "nomodel"
+    other.mkdir()
+    (other / "x.png").write_bytes(png)
+    ok = "ok"
+    return {
+        "texture/good.png": (ok, None, (64, 64)),
+        "texture/big_ok.jpg": (ok, None, (120, 90)),
+        "texture/zero.png": ("error", "empty", None),
+        "texture/truncated.png": ("error", "cannot decode", None),
+        "texture/truncated.jpg": ("error", "cannot decode", None),
+        "texture/text.png": ("error", "not a recognised image", None),
+        "texture/sixteen.png": (ok, None, (64, 48)),
+        "texture/rgba.png": (ok, None, (64, 64)),
+        "texture/palette.png": (ok, None, (64, 64)),
+        "texture/cmyk.jpg": (ok, None, (64, 64)),
+        "texture/grey.jpg": (ok, None, (64, 64)),
+        "texture/rotated.jpg": (ok, None, (50, 70)),
+        "texture/bomb.png": ("error", "too large", None),
+        "texture/unreadable.png": ("error", "cannot read", None),
+        "nomodel/x.png": ("error", "no usable model tfa-nomodel@champion", None),
+    }
+
+
+def rows_by_path(run_dir: str, root: Path | str) -> dict[str, dict]:
+    rows = scoring.read_results(run_dir).to_pylist()
+    out = {}
+    for r in rows:
+        rel = r["path"][len(str(root)) + 1 :]
+        assert rel not in out, f"{rel} appears twice"
+        out[rel] = r
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# unit tests (no Ray)
+
+
+def test_category_pattern():
+    rx = scoring.category_regex("{category}/**")
+    assert rx.fullmatch("bolt/line-1/a.png")["category"] == "bolt"
+    assert rx.fullmatch("a.png") is None
+    rx = scoring.category_regex("site-*/{category}/…")
+    assert rx.fullmatch("site-7/screw/2024/a.png")["category"] == "screw"
+    assert rx.fullmatch("other/screw/a.png") is None
+    with pytest.raises(ValueError, match="placeholder"):
+        scoring.category_regex("**/*.png")
+
+
+def test_manifests(tmp_path):
+    import pyarrow as pa
+
+    (tmp_path / "list.txt").write_text("# nightly\n/x/bolt/a.png\n\n/x/nut/b.png\n")
+    root, entries = scoring.list_inputs(str(tmp_path / "list.txt"), root="/x")
+    assert root == "/x" and [p for p, _ in entries] == ["/x/bolt/a.png", "/x/nut/b.png"]
+    pairs = scoring.assign_categories(entries, root, None, "{category}/**")
+    assert [c for _, c in pairs] == ["bolt", "nut"]
+    pq.write_table(
+        pa.table({"path": ["s3://b/k/1.png"], "category": ["cap"]}), tmp_path / "m.parquet"
+    )
+    _, entries = scoring.list_inputs(str(tmp_path / "m.parquet"))
+    assert entries == [("s3://b/k/1.png", "cap")]
+
+
+# --------------------------------------------------------------------------------------
+# pipeline tests
+
+
+def test_bad_inputs_each_give_a_correct_row(ray_cluster, tiny_model_dir, tmp_path):
+    root = tmp_path / "in"
+    expected = bad_archive(root)
+    cfg = scoring.ScoreConfig(
+        input=str(root),
+        output=str(tmp_path / "out"),
+        run_id="bad",
+        shard_size=5,
+        batch_size=4,
+        heatmaps=True,
+        max_pixels=200 * 200,
+    )
+    resolver = scoring.LocalResolver({"texture": tiny_model_dir})
+    summary = scoring.score(cfg, resolver, echo=lambda _m: None)
+    rows = rows_by_path(summary.run_dir, root)
+    assert set(rows) == set(expected)
+    for rel, (status, err, size) in expected.items():
+        r = rows[rel]
+        assert r["status"] == status, (rel, r["error"])
+        assert r["run_id"] == "bad" and r["scored_at"] is not None
+        if status == "ok":
+            assert r["error"] is None
+            assert r["category"] == "texture"
+            assert (r["model_name"], r["model_version"]) == ("tfa-texture", 3)
+            assert np.isfinite(r["score"]) and r["threshold"] > 0
+            assert r["is_anomalous"] == (r["score"] >= r["threshold"])
+            assert (r["width"], r["height"]) == size
+            mask = Image.open(io.BytesIO(r["mask_png"]))
+            heat = Image.open(io.BytesIO(r["heatmap_png"]))
+            assert mask.size == size and heat.size == size and heat.mode == "L"
+        else:
+            assert err in r["error"], (rel, r["error"])
+            assert r["score"] is None and r["mask_png"] is None and r["heatmap_png"] is None
+    assert summary.total == len(expected)
+    # decoding ran in Ray tasks of its own, not fused into the scorer actor
+    assert summary.processes["score"] == 1 and summary.processes["decode"] >= 1
+    assert summary.processes["shared"] == 0
+    assert summary.ok == sum(1 for s, _, _ in expected.values() if s == "ok")
+    success = json.loads((Path(summary.run_dir) / "_SUCCESS").read_text())
+    assert success["total"] == len(expected) and success["error"] == summary.error
+
+
+def test_heatmaps_share_one_scale(ray_cluster, tiny_model_dir, tmp_path):
+    """The same image scored twice, once brightened in a corner: the untouched pixels keep
+    their heat-map values (no per-image min-max), and a copy gives identical bytes."""
+    from tfa_ray.package import heatmap_uint8, load_model
+
+    root = tmp_path / "in" / "texture"
+    root.mkdir(parents=True)
+    img = _texture(7)
+    (root / "a.png").write_bytes(_png(img))
+    (root / "b.png").write_bytes(_png(img))
+    summary = scoring.score(
+        scoring.ScoreConfig(
+            input=str(tmp_path / "in"), output=str(tmp_path / "out"), run_id="h", heatmaps=True
+        ),
+        scoring.LocalResolver({"texture": tiny_model_dir}),
+        echo=lambda _m: None,
+    )
+    rows = rows_by_path(summary.run_dir, tmp_path / "in")
+    a, b = rows["texture/a.png"], rows["texture/b.png"]
+    assert a["heatmap_png"] == b["heatmap_png"] and a["score"] == pytest.approx(b["score"])
+    model = load_model(tiny_model_dir)
+    maps, _ = model.predict(
+        __import__("torch").from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    )
+    want = heatmap_uint8(maps[0].numpy(), model.calibration)
+    got = np.asarray(Image.open(io.BytesIO(a["heatmap_png"])))
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # float16 transport
+
+
+def test_scorer_actor_killed_mid_run(ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
+    root = tmp_path / "in"
+    paths = good_archive(root, 24)
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv(scoring.ENV_KILL_SCORER_ONCE, str(marker))
+    summary = scoring.score(
+        scoring.ScoreConfig(
+            input=str(root), output=str(tmp_path / "out"), run_id="kill", shard_size=4
+        ),
+        scoring.LocalResolver({"texture": tiny_model_dir}),
+        echo=lambda _m: None,
+    )
+    assert marker.exists(), "the fault was never injected"
+    out = scoring.read_results(summary.run_dir, columns=["path", "status"]).to_pylist()
+    assert sorted(r["path"] for r in out) == sorted(paths)  # each exactly once
+    assert all(r["status"] == "ok" for r in out)
+
+
+def _run_job(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "score.py"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def test_driver_killed_then_rerun_resumes(ray_cluster, tiny_model_dir, tmp_path):
+    root = tmp_path / "in"
+    paths = good_archive(root, 40)
+    out = tmp_path / "out"
+    run_dir = out / "run_id=nightly"
+    args = [
+        "--input", str(root), "--output", str(out), "--run-id", "nightly",
+        "--shard-size", "4", "--model", f"texture={tiny_model_dir}",
+    ]  # fmt: skip
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    env.pop(scoring.ENV_KILL_SCORER_ONCE, None)
+    proc = _run_job(args, dict(env, **{scoring.ENV_SHARD_DELAY_S: "1.0"}))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(run_dir.glob("category=*/part-*.parquet"))) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"driver ended early:\n{proc.stdout.read()}"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(2)  # tasks of the dead driver may still land (atomically) or be cancelled
+    parts = list(run_dir.glob("category=*/part-*.parquet"))
+    assert 2 <= len(parts) < 10, "the kill should land mid-run"
+    assert not (run_dir / "_SUCCESS").exists()
+    for p in parts:  # whatever was written is complete
+        assert pq.read_metadata(p).num_rows == 4
+
+    proc = _run_job([*args, "--json", str(tmp_path / "summary.json")], env)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["shards_skipped"] >= 2 and summary["total"] == 40
+    assert "resuming" in output
+    got = scoring.read_results(str(run_dir), columns=["path"]).column("path").to_pylist()
+    assert sorted(got) == sorted(paths)
+    assert (run_dir / "_SUCCESS").exists()
+
+
+def test_rerun_of_finished_run_scores_nothing(ray_cluster, tiny_model_dir, tmp_path):
+    root = tmp_path / "in"
+    good_archive(root, 3)
+    cfg = scoring.ScoreConfig(input=str(root), output=str(tmp_path / "out"), run_id="twice")
+    resolver = scoring.LocalResolver({"texture": tiny_model_dir})
+    first = scoring.score(cfg, resolver, echo=lambda _m: None)
+    second = scoring.score(cfg, resolver, echo=lambda _m: None)
+    assert second.shards_skipped == second.shards == first.shards and second.total == 3
+    other = scoring.ScoreConfig(input=str(tmp_path), output=str(tmp_path / "out"), run_id="twice")
+    with pytest.raises(ValueError, match="already exists"):
+        scoring.score(other, resolver, echo=lambda _m: None)

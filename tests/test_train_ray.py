@@ -1,0 +1,94 @@
+"""Ray Train orchestration on a small local Ray cluster (2 CPUs), test-tiny preset, tiny data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tfa_ray import registry, train_ray
+from tfa_ray.config import get_preset, preset_to_json
+from tfa_ray.synth import make_dataset
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("data") / "synth")
+    make_dataset(root, n_train=10, n_test_good=3, n_test_defect=4, size=64)
+    return root
+
+
+def test_shard_batch():
+    import torch
+
+    from tfa_ray.training import shard_batch
+
+    b = torch.arange(7)
+    parts = [shard_batch(b, r, 2).tolist() for r in range(2)]
+    assert parts == [[0, 2, 4, 6], [1, 3, 5]]
+    assert [shard_batch(torch.tensor([5]), r, 2).tolist() for r in range(2)] == [[5], [5]]
+
+
+def test_failure_injection_resumes_from_checkpoint(ray_cluster, tiny_root, tmp_path, monkeypatch):
+    """Rank 0 exits after epoch 2 of 3; the restarted group resumes after epoch 2."""
+    monkeypatch.setenv(train_ray.FAIL_ENV, "2")
+    preset = get_preset("test-tiny", train__epochs=3)
+    settings = train_ray.RaySettings(storage_path=str(tmp_path / "ckpt"), max_failures=1)
+    pkg, summary, history = train_ray.train_one(
+        tiny_root, "texture", preset_to_json(preset), settings
+    )
+    assert summary["resumed_from_epoch"] == 2  # not restarted from zero
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert sorted(os.listdir(pkg)) == sorted(
+        ["weights.safetensors", "config.json", "template.png", "calibration.json", "meta.json"]
+    )
+
+
+def test_categories_concurrently_tracked_and_registered(
+    ray_cluster, tiny_root, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("TFA_RAY_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    bad = os.path.join(tiny_root, "empty")
+    os.makedirs(os.path.join(bad, "train", "good"), exist_ok=True)
+    preset = get_preset("test-tiny", train__epochs=1)
+    settings = train_ray.RaySettings(storage_path=str(tmp_path / "ckpt"))
+    outcomes = train_ray.train_categories(
+        tiny_root,
+        ["texture", "object", "empty", "missing"],
+        "test-tiny",
+        preset,
+        settings,
+        outputs={"texture": str(tmp_path / "out" / "texture")},
+        promote_if_better="image_auroc",
+    )
+    by = {o.category: o for o in outcomes}
+    assert by["texture"].ok and by["object"].ok, [o.error for o in outcomes]
+    assert not by["empty"].ok and "no normal training images" in by["empty"].error
+    assert not by["missing"].ok and "not found" in by["missing"].error
+    assert "\n" not in by["empty"].error + by["missing"].error
+    assert os.path.isfile(tmp_path / "out" / "texture" / "weights.safetensors")
+    for cat in ("texture", "object"):
+        o = by[cat]
+        assert (o.name, o.version) == (f"tfa-{cat}", 1)
+        assert set(o.metrics) >= {"image_auroc", "pixel_auroc", "aupro", "f1_max"}
+        name, version, path = registry.resolve_model(cat)  # the gate made it champion
+        assert (name, version) == (f"tfa-{cat}", 1)
+        run = registry.client().get_run(registry.show_model(name)[0]["run"].split("/")[-1])
+        assert run.data.params["preset"] == "test-tiny"
+        assert run.data.params["data_uri"] == tiny_root
+        assert {"train_loss", "val_loss", "wall_time_s", "image_auroc"} <= set(run.data.metrics)
+    table = train_ray.summary_table(outcomes)
+    assert "FAILED" in table and "tfa-texture v1" in table

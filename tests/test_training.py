@@ -1,0 +1,143 @@
+"""The single-category training loop, the model package and the CLI, on tiny synthetic data."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tfa_ray import cli
+from tfa_ray.config import get_preset
+from tfa_ray.data import BadImagesError, discover
+from tfa_ray.evaluation import evaluate_model
+from tfa_ray.package import load_model, save_model
+from tfa_ray.synth import make_dataset
+from tfa_ray.training import learning_rate, split_train_val
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    make_dataset(str(root), categories=("texture",), n_train=24, n_test_good=6, n_test_defect=8,
+                 size=96, seed=3)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def trained(synth_root):
+    data = discover(synth_root, "texture")
+    preset = get_preset("test-tiny", train__epochs=3, anomaly__score="auto")
+    from tfa_ray.training import fit
+
+    epochs = []
+    result = fit(data, preset, on_epoch_end=epochs.append, echo=lambda s: None)
+    return data, preset, result, epochs
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    paths = [f"img{i:03d}.png" for i in range(50)]
+    train, val = split_train_val(paths, 0.1, seed=0)
+    assert len(val) == 5 and not set(train) & set(val)
+    assert sorted(train + val) == paths
+    assert split_train_val(paths, 0.1, seed=0) == (train, val)
+    assert split_train_val(paths, 0.1, seed=1) != (train, val)
+
+
+def test_learning_rate_warms_up_and_anneals():
+    assert learning_rate(1e-3, 0.0) < 1e-4
+    assert learning_rate(1e-3, 0.05) == pytest.approx(1e-3)
+    assert learning_rate(1e-3, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_fit_trains_selects_on_normal_images_and_calibrates(trained):
+    data, preset, result, epochs = trained
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert 1 <= result.best_epoch <= 3
+    best = result.history[result.best_epoch - 1]["selection"]
+    assert best == max(e["selection"] for e in result.history) == result.selection_score
+    assert result.preset.anomaly.score in ("std", "max", "topk")  # "auto" resolved
+    assert result.num_val >= 1 and result.num_train + result.num_val == len(data.train)
+    cal = result.calibration
+    assert cal.num_images == result.num_val and cal.threshold > 0
+    # The template is the first normal training image by sorted name (the paper's choice).
+    assert result.template_path == sorted(data.train)[0]
+
+
+def test_package_round_trip_gives_identical_scores(trained, tmp_path):
+    data, preset, result, _ = trained
+    url = str(tmp_path / "model")
+    save_model(url, result.detector, result.preset, result.calibration, {"category": "texture"})
+    model = load_model(url)
+    images = torch.rand(2, 3, 64, 64)
+    result.detector.eval()
+    with torch.no_grad():
+        phi, phi_hat = result.detector(images)
+    maps, scores = model.predict(images)
+    from tfa_ray.anomaly import anomaly_map
+
+    expected = anomaly_map(phi, phi_hat, 64, result.preset.anomaly)
+    assert torch.allclose(maps, expected, atol=1e-5)
+    assert model.calibration == result.calibration
+    assert model.meta["category"] == "texture"
+
+
+def test_load_model_refuses_an_incomplete_package(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_model(str(tmp_path))
+
+
+def test_evaluation_on_the_test_split(trained, tmp_path):
+    data, _, result, _ = trained
+    from tfa_ray.package import TFAModel
+
+    model = TFAModel(result.detector, result.preset, result.calibration)
+    ev = evaluate_model(model, data, maps_dir=str(tmp_path / "maps"), num_maps=4)
+    assert set(ev.metrics) >= {"image_auroc", "pixel_auroc", "aupro", "f1_max"}
+    assert all(0.0 <= ev.metrics[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "aupro"))
+    assert len(list((tmp_path / "maps").iterdir())) == 4
+    assert len(ev.scores) == len(data.test) and np.isfinite(ev.scores).all()
+
+
+def test_bad_training_image_stops_training_with_every_bad_file_listed(synth_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "bad"
+    shutil.copytree(f"{synth_root}/texture", root / "texture")
+    good = root / "texture" / "train" / "good"
+    (good / "zz_empty.png").write_bytes(b"")
+    (good / "zz_text.png").write_text("not an image")
+    data = discover(str(root), "texture")
+    from tfa_ray.training import fit
+
+    preset = get_preset("test-tiny", train__epochs=1)
+    with pytest.raises(BadImagesError) as err:
+        fit(data, preset, echo=lambda s: None)
+    assert "zz_empty.png" in str(err.value) and "zz_text.png" in str(err.value)
+    result = fit(data, preset, skip_bad=True, echo=lambda s: None)
+    assert result.num_train + result.num_val == len(data.train) - 2
+
+
+def test_cli_synth_train_evaluate(tmp_path, capsys):
+    root, model_dir = tmp_path / "data", tmp_path / "model"
+    assert cli.main(["synth", "--output", str(root)]) == 0
+    argv = ["train", "--data", str(root), "--category", "object", "--preset", "test-tiny",
+            "--epochs", "1", "--output", str(model_dir)]
+    assert cli.main(argv) == 0
+    out_json = tmp_path / "metrics.json"
+    argv = ["evaluate", "--model", str(model_dir), "--data", str(root), "--json", str(out_json)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "image_auroc" in printed and "aupro" in printed
+    metrics = json.loads(out_json.read_text())
+    assert set(metrics) >= {"image_auroc", "pixel_auroc", "aupro", "f1_max"}
+
+
+def test_cli_reports_a_missing_category_as_one_clear_error(tmp_path, capsys):
+    make_dataset(str(tmp_path), categories=("texture",), n_train=4, n_test_good=1,
+                 n_test_defect=1, size=32)
+    argv = ["train", "--data", str(tmp_path), "--category", "nope", "--preset", "test-tiny",
+            "--output", str(tmp_path / "m")]
+    assert cli.main(argv) == 2
+    assert "error" in capsys.readouterr().err

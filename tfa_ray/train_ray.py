@@ -1,0 +1,463 @@
+"""Training on Ray Train: one ``TorchTrainer`` per category, several categories at once.
+
+The worker loop is the core :func:`tfa_ray.training.fit`. With more than one worker per
+category it is data parallel: ``ray.train.torch.prepare_model`` wraps the TFA-Net in DDP and
+each worker takes its strided share of every global batch (the backbone features are cached
+tensors, so the sharding that ``prepare_data_loader``'s DistributedSampler would do is done on
+the batch indices directly). Every epoch the resumable state (weights, optimiser, epoch and
+step counters, RNG, best-so-far, history) is written as a checkpoint to
+``RunConfig(storage_path)``; after a worker dies, ``FailureConfig(max_failures)`` restarts the
+group and it continues from that checkpoint. The last report carries the tfa-ray model package.
+
+The driver side (:func:`train_categories`) checks inputs before any worker starts, runs the
+categories concurrently (threads, each blocking on its own trainer), evaluates each model on its
+test split, and logs / registers it through :mod:`tfa_ray.registry`. A failing category never
+stops the others; its outcome carries one error line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+FAIL_ENV = "TFA_RAY_FAIL_AT_EPOCH"  # tests only: rank 0 exits after this epoch's checkpoint
+
+
+@dataclass
+class RaySettings:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str | None = None  # checkpoints; default ./runs/ray
+    max_failures: int = 1
+    endpoint_url: str | None = None  # S3 endpoint for data / checkpoints (else AWS_ENDPOINT_URL)
+
+
+@dataclass
+class Outcome:
+    """What happened to one category."""
+
+    category: str
+    ok: bool
+    error: str = ""
+    name: str = ""
+    version: int | None = None
+    promoted: str = ""
+    metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    package_dir: str = ""
+    wall_time_s: float = 0.0
+
+
+# --------------------------------------------------------------------------------------
+# Ray
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join ``RAY_ADDRESS`` when set, else start a local cluster (``num_cpus`` caps it)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def default_concurrency(settings: RaySettings) -> int:
+    """As many categories as the cluster's resources hold at once (at least one)."""
+    import ray
+
+    res = ray.cluster_resources()
+    if settings.use_gpu:
+        return max(1, int(res.get("GPU", 0) // max(settings.num_workers, 1)))
+    per = settings.num_workers * settings.cpus_per_worker
+    return max(1, int(math.floor(res.get("CPU", 1) / per)))
+
+
+def _storage(settings: RaySettings):
+    """(storage_path, storage_filesystem) for RunConfig; S3 gets an explicit pyarrow FS so a
+    custom endpoint (MinIO, moto) is honoured."""
+    from tfa_ray import storage
+
+    path = settings.storage_path or os.path.join(os.getcwd(), "runs", "ray")
+    if storage.is_local(path):
+        path = storage.normalize(path)
+        os.makedirs(path, exist_ok=True)
+        return path, None
+    if path.startswith(("s3://", "s3a://")):
+        import pyarrow.fs as pafs
+
+        bucket_path = path.split("://", 1)[1].rstrip("/")
+        bucket = bucket_path.split("/", 1)[0]
+        if not storage.exists(f"s3://{bucket}", settings.endpoint_url):
+            raise FileNotFoundError(
+                f"checkpoint bucket not found: s3://{bucket} "
+                "(check --storage-path, the endpoint and the credentials)"
+            )
+        endpoint = (
+            settings.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        kwargs = {}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+        return bucket_path, pafs.S3FileSystem(**kwargs)
+    return path, None
+
+
+# --------------------------------------------------------------------------------------
+# the worker loop
+
+
+def worker_loop(config: dict) -> None:
+    """Body of every Ray Train worker: ``fit`` with checkpoints, resume and DDP."""
+    import torch
+    from ray import train
+    from ray.train import Checkpoint
+
+    from tfa_ray.config import preset_from_json
+    from tfa_ray.data import discover
+    from tfa_ray.package import save_model
+    from tfa_ray.training import fit
+
+    if config.get("endpoint_url"):
+        os.environ["AWS_ENDPOINT_URL"] = config["endpoint_url"]
+    ctx = train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    preset = preset_from_json(config["preset"])
+    data = discover(config["data"], config["category"])
+
+    resume = None
+    ckpt = train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+        print(f"[{data.category}] rank {rank}: resuming after epoch {resume['epoch']}")
+    resumed_from = int(resume["epoch"]) if resume else 0
+    fail_at = int(config.get("fail_at_epoch") or 0) if resume is None else 0
+
+    def on_checkpoint(state: dict) -> None:
+        rec = state["history"][-1]
+        metrics = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
+        if rank == 0:
+            with tempfile.TemporaryDirectory(prefix="tfa-ckpt-") as d:
+                torch.save(state, os.path.join(d, "state.pt"))
+                train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            train.report(metrics)
+        if fail_at and state["epoch"] == fail_at and rank == 0:
+            print(f"[{data.category}] {FAIL_ENV}={fail_at}: worker exits after epoch {fail_at}")
+            # the controller takes reports off the worker's queue every health check (2 s):
+            # give it time to register this epoch's checkpoint before dying
+            time.sleep(5.0)
+            os._exit(1)
+
+    wrap = None
+    if world > 1:
+
+        def wrap(net):
+            return train.torch.prepare_model(net, move_to_device=False)
+
+    device = train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+    result = fit(
+        data,
+        preset,
+        template=config.get("template"),
+        skip_bad=bool(config.get("skip_bad")),
+        device=device,
+        resume_state=resume,
+        on_checkpoint=on_checkpoint,
+        wrap_model=wrap,
+        shard=(rank, world) if world > 1 else None,
+    )
+    summary = {
+        "best_epoch": result.best_epoch,
+        "selection_score": result.selection_score,
+        "wall_time_s": result.wall_time_s,
+        "num_train": result.num_train,
+        "num_val": result.num_val,
+        "template_path": result.template_path,
+        "resumed_from_epoch": resumed_from,
+        "world_size": world,
+    }
+    if rank == 0:
+        with tempfile.TemporaryDirectory(prefix="tfa-final-") as d:
+            meta = {"category": data.category, "data": config["data"], **summary}
+            meta["history"] = result.history
+            save_model(
+                os.path.join(d, "package"),
+                result.detector,
+                result.preset,
+                result.calibration,
+                meta,
+            )
+            with open(os.path.join(d, "result.json"), "w") as f:
+                json.dump({"summary": summary, "history": result.history}, f, default=str)
+            train.report({"done": 1}, checkpoint=Checkpoint.from_directory(d))
+    else:
+        train.report({"done": 1})
+
+
+# --------------------------------------------------------------------------------------
+# the driver
+
+
+def one_line(exc: BaseException) -> str:
+    """A single readable line for an exception (Ray wraps worker errors in tracebacks)."""
+    from tfa_ray.data import BadImagesError
+
+    if isinstance(exc, BadImagesError):
+        return str(exc).splitlines()[0]
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        return one_line(next(iter(failures.values())))
+    cause = getattr(exc, "cause", None) or getattr(exc, "controller_failure", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return one_line(cause)
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):  # the "SomeError: message" line at the end of a traceback
+        if ":" in ln and not ln.startswith(("File ", "^", "~")):
+            return ln[:500]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
+
+
+def train_one(
+    data: str,
+    category: str,
+    preset_json: str,
+    settings: RaySettings,
+    *,
+    template: str | None = None,
+    skip_bad: bool = False,
+    run_name: str | None = None,
+) -> tuple[str, dict, list]:
+    """Train one category on Ray Train; returns (local package dir, summary, history).
+
+    The package directory is a fresh temporary directory the caller owns."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_fs = _storage(settings)
+    name = run_name or f"tfa-{category}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    env_vars = {}
+    endpoint = settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        env_vars["AWS_ENDPOINT_URL"] = endpoint  # an address, not a secret
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={
+            "data": data,
+            "category": category,
+            "preset": preset_json,
+            "template": template,
+            "skip_bad": skip_bad,
+            "use_gpu": settings.use_gpu,
+            "endpoint_url": settings.endpoint_url,
+            "threads": max(1, int(settings.cpus_per_worker)),
+            "fail_at_epoch": os.environ.get(FAIL_ENV) or 0,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=settings.num_workers,
+            use_gpu=settings.use_gpu,
+            resources_per_worker={"CPU": settings.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env_vars} if env_vars else None,
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"[{category}] training ended without a checkpoint")
+    out = tempfile.mkdtemp(prefix=f"tfa-{category}-")
+    result.checkpoint.to_directory(out)
+    with open(os.path.join(out, "result.json")) as f:
+        res = json.load(f)
+    return os.path.join(out, "package"), res["summary"], res["history"]
+
+
+def train_categories(
+    data: str,
+    categories: list[str],
+    preset_name: str,
+    preset,
+    settings: RaySettings,
+    *,
+    max_concurrent: int | None = None,
+    template: str | None = None,
+    skip_bad: bool = False,
+    outputs: dict[str, str] | None = None,
+    track: bool = True,
+    prefix: str = "tfa-",
+    promote_if_better: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> list[Outcome]:
+    """Train, evaluate, log and register every category; never raises for one category.
+
+    ``outputs``: category -> directory / URL where its model package is also written."""
+    from tfa_ray.config import preset_from_json, preset_to_json
+    from tfa_ray.data import discover
+
+    preset_json = preset_to_json(preset)
+    outcomes = {c: Outcome(c, ok=False) for c in categories}
+    # preflight: every category's folder and file list, before any worker starts
+    ready = []
+    for c in categories:
+        try:
+            discover(data, c)
+        except Exception as e:  # noqa: BLE001 - reported per category
+            outcomes[c].error = one_line(e)
+            echo(f"[{c}] error: {outcomes[c].error}")
+        else:
+            ready.append(c)
+    if ready:
+        _storage(settings)  # a missing checkpoint bucket fails here, once
+        init_ray()
+    concurrency = (max_concurrent or default_concurrency(settings)) if ready else 1
+    echo(
+        f"training {len(ready)} categor{'y' if len(ready) == 1 else 'ies'} on Ray "
+        f"({settings.num_workers} worker(s) each, {concurrency} at a time)"
+    )
+    lock = threading.Lock()  # MLflow's fluent API is process-global: log one run at a time
+
+    def run(category: str) -> None:
+        out = outcomes[category]
+        t0 = time.perf_counter()
+        tmp_root = None
+        try:
+            pkg, summary, history = train_one(
+                data, category, preset_json, settings, template=template, skip_bad=skip_bad
+            )
+            tmp_root = os.path.dirname(pkg)
+            out.summary, out.history = summary, history
+            out.metrics = _evaluate(pkg, data, category, echo)
+            if outputs and outputs.get(category):
+                _copy_package(pkg, outputs[category])
+                out.package_dir = outputs[category]
+                echo(f"[{category}] model written to {out.package_dir}")
+            if track:
+                from tfa_ray import registry
+
+                trained = preset_from_json(preset_json)
+                params = {
+                    "preset": preset_name,
+                    "category": category,
+                    "data_uri": data,
+                    "backbone": trained.model.backbone.name,
+                    "backbone_weights": trained.model.backbone.weights,
+                    "image_size": trained.model.image_size,
+                    "epochs": trained.train.epochs,
+                    "batch_size": trained.train.batch_size,
+                    "lr": trained.train.lr,
+                    "num_workers": settings.num_workers,
+                    "use_gpu": settings.use_gpu,
+                    "num_train": summary.get("num_train"),
+                    "num_val": summary.get("num_val"),
+                    "git_commit": registry.git_commit(),
+                }
+                wall = time.perf_counter() - t0
+                with lock:
+                    mv = registry.log_training(
+                        pkg,
+                        category,
+                        params=params,
+                        history=history,
+                        metrics=out.metrics,
+                        summary={
+                            "wall_time_s": wall,
+                            "train_wall_time_s": float(summary.get("wall_time_s", 0.0)),
+                            "best_epoch": float(summary.get("best_epoch", -1)),
+                            "selection_score": float(summary.get("selection_score", math.nan)),
+                            "resumed_from_epoch": float(summary.get("resumed_from_epoch", 0)),
+                        },
+                        prefix=prefix,
+                    )
+                    out.name, out.version = mv.name, mv.version
+                    if promote_if_better:
+                        ok, why = registry.promote_if_better(
+                            category, promote_if_better, version=mv.version, prefix=prefix
+                        )
+                        out.promoted = why
+                        echo(f"[{category}] {why}")
+            out.ok = True
+        except Exception as e:  # noqa: BLE001 - one category's failure is its own
+            out.error = one_line(e)
+            log.debug("category %s failed:\n%s", category, traceback.format_exc())
+            echo(f"[{category}] error: {out.error}")
+        finally:
+            out.wall_time_s = time.perf_counter() - t0
+            if tmp_root:
+                shutil.rmtree(tmp_root, ignore_errors=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        list(pool.map(run, ready))
+    return [outcomes[c] for c in categories]
+
+
+def _evaluate(pkg: str, data: str, category: str, echo: Callable[[str], None]) -> dict:
+    """Test-split metrics after training (evaluation, never selection); {} without a split."""
+    from tfa_ray.data import discover
+    from tfa_ray.evaluation import evaluate_model
+    from tfa_ray.package import load_model
+
+    cat = discover(data, category)
+    if not cat.test:
+        return {}
+    ev = evaluate_model(load_model(pkg), cat)
+    metrics = {k: float(v) for k, v in ev.metrics.items() if isinstance(v, (int, float))}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    echo(f"[{category}] test split: {shown}")
+    return metrics
+
+
+def _copy_package(src: str, dst: str) -> None:
+    from tfa_ray import storage
+    from tfa_ray.package import FILES
+
+    for f in FILES:
+        with open(os.path.join(src, f), "rb") as fh:
+            storage.write_bytes(storage.join(dst, f), fh.read())
+
+
+def summary_table(outcomes: list[Outcome]) -> str:
+    from tfa_ray.registry import format_table
+
+    rows = []
+    for o in outcomes:
+        rows.append(
+            {
+                "category": o.category,
+                "status": "ok" if o.ok else "FAILED",
+                "model": f"{o.name} v{o.version}" if o.version else "",
+                "image_auroc": o.metrics.get("image_auroc"),
+                "best_epoch": o.summary.get("best_epoch"),
+                "wall_s": round(o.wall_time_s, 1),
+                "error": o.error,
+            }
+        )
+    cols = ["category", "status", "model", "image_auroc", "best_epoch", "wall_s", "error"]
+    return format_table(rows, cols)
