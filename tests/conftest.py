@@ -32,37 +32,62 @@ def s3_server() -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[str]:
-    """One small local Ray cluster (2 CPUs) for the whole session; yields its GCS address.
-
-    Started with dummy AWS credentials in the environment (only if none are set) so that Ray
-    workers, which inherit the environment at start, can talk to the moto S3 server.
-    Subprocess drivers join it with ``RAY_ADDRESS=<address>``.
-    """
+def _start_ray() -> None:
     import os
 
     import ray
 
-    for key, value in (
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        yield ray.get_runtime_context().gcs_address
-        return
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=256 * 1024 * 1024,
-    )
+    dummy = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    added = [k for k in dummy if k not in os.environ]
+    os.environ.update({k: dummy[k] for k in added})
     try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=256 * 1024 * 1024,
+        )
+    finally:  # the workers have them; the test process itself stays as it was
+        for k in added:
+            os.environ.pop(k, None)
+
+
+@pytest.fixture(scope="session")
+def _ray_session() -> Iterator[None]:
+    import ray
+
+    yield
+    if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_ray_session) -> str:
+    """A small local Ray cluster (2 CPUs) shared by the session; yields its GCS address.
+
+    Started once (and again only if a test module shut it down) with dummy AWS credentials in
+    its environment where none are set, so Ray workers, which inherit the environment at start,
+    can talk to the moto S3 server. Subprocess drivers join it with ``RAY_ADDRESS=<address>``.
+    """
+    return _ensure_ray()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster_module(_ray_session) -> str:
+    """``ray_cluster`` for module-scoped fixtures."""
+    return _ensure_ray()
+
+
+def _ensure_ray() -> str:
+    import ray
+
+    if not ray.is_initialized():
+        _start_ray()
+    return ray.get_runtime_context().gcs_address
 
 
 @pytest.fixture(scope="session")

@@ -126,3 +126,16 @@ def test_complementary_masking_never_uses_a_positions_own_input_token():
     assert not torch.allclose(plain_a[region], plain_b[region])  # the paper's pass would
     groups = net.token_groups(4)
     assert sorted(groups.flatten().tolist()) == list(range(net.num_tokens))
+
+
+def test_feature_pool_averages_each_neighbourhood():
+    preset = get_preset("test-tiny")
+    img = torch.rand(1, 3, 64, 64)
+    plain = Detector(preset.model).eval()
+    pooled = Detector(dataclasses.replace(preset.model, feature_pool=3)).eval()
+    pooled.backbone.load_state_dict(plain.backbone.state_dict())
+    with torch.no_grad():
+        a, b = plain.features(img), pooled.features(img)
+    assert a.shape == b.shape
+    assert torch.allclose(b[0, :, 5, 7], a[0, :, 4:7, 6:9].mean(dim=(1, 2)), atol=1e-5)
+    assert torch.allclose(b[0, :, 0, 0], a[0, :, :2, :2].mean(dim=(1, 2)), atol=1e-5)

@@ -24,7 +24,7 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def scored_run(ray_cluster, tiny_model_dir, tmp_path_factory) -> tuple[str, Path]:
+def scored_run(ray_cluster_module, tiny_model_dir, tmp_path_factory) -> tuple[str, Path]:
     root = tmp_path_factory.mktemp("report-in")
     d = root / "texture"
     d.mkdir()

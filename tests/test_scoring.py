@@ -305,3 +305,58 @@ def test_rerun_of_finished_run_scores_nothing(ray_cluster, tiny_model_dir, tmp_p
     other = scoring.ScoreConfig(input=str(tmp_path), output=str(tmp_path / "out"), run_id="twice")
     with pytest.raises(ValueError, match="already exists"):
         scoring.score(other, resolver, echo=lambda _m: None)
+
+
+# --------------------------------------------------------------------------------------
+# the command line, and the real MLflow registry
+
+
+def test_cli_score_and_report(ray_cluster, tiny_model_dir, tmp_path, capsys):
+    from tfa_ray.cli import main
+
+    root = tmp_path / "in"
+    good_archive(root, 3)
+    (root / "texture" / "bad.png").write_bytes(b"nope")
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "score", "--input", str(root), "--output", str(out), "--run-id", "cli",
+            "--model", f"texture={tiny_model_dir}", "--batch-size", "2", "--heatmaps",
+            "--report", str(tmp_path / "run.html"),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "4 images, 3 ok, 1 errors" in printed
+    assert (tmp_path / "run.html").read_text().count("data:image/png;base64,") == 3
+    rc = main(["report", "--results", str(out), "--output", str(tmp_path / "all.html")])
+    assert rc == 0 and "texture" in (tmp_path / "all.html").read_text()
+    assert main(["score", "--input", str(tmp_path / "missing"), "--output", str(out)]) == 2
+
+
+def test_models_come_from_the_mlflow_registry(ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
+    from tfa_ray import registry
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("TFA_RAY_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # ./mlruns artifacts land here
+    mv = registry.log_training(
+        tiny_model_dir, "texture", params={"preset": "test-tiny"}, history=[], uri=uri
+    )
+    registry.promote("texture", mv.version, uri=uri)
+    root = tmp_path / "in"
+    paths = good_archive(root, 3)
+    good_archive(root, 1, category="cable")  # registered nowhere
+    summary = scoring.score(
+        scoring.ScoreConfig(input=str(root), output=str(tmp_path / "out"), run_id="reg"),
+        scoring.RegistryResolver(uri),
+        echo=lambda _m: None,
+    )
+    rows = {r["path"]: r for r in scoring.read_results(summary.run_dir).to_pylist()}
+    assert len(rows) == 4
+    for p in paths:
+        assert rows[p]["status"] == "ok"
+        assert (rows[p]["model_name"], rows[p]["model_version"]) == ("tfa-texture", mv.version)
+    cable = next(r for r in rows.values() if r["category"] == "cable")
+    assert cable["status"] == "error" and "tfa-cable@champion" in cable["error"]

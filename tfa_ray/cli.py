@@ -32,6 +32,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.update(train__epochs=args.epochs, train__time_budget_s=0.0)
     if args.time_budget is not None:
         overrides["train__time_budget_s"] = args.time_budget
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or "__" not in key:
+            raise ValueError(
+                f"--set takes section__field=value (e.g. model__mask_ratio=0.5): {item}"
+            )
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     preset = get_preset(args.preset, **overrides)
     if args.backbone_weights is not None:
         backbone = dataclasses.replace(preset.model.backbone, weights=args.backbone_weights)
@@ -247,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
     t.add_argument("--epochs", type=int, help="epochs (disables the preset's time budget)")
     t.add_argument("--time-budget", type=float, help="stop training after this many seconds")
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION__FIELD=VALUE",
+        help="override a preset field, e.g. --set model__mask_ratio=0.5 (repeatable)",
+    )
     t.add_argument("--template", help="template image (default: first normal training image)")
     t.add_argument("--backbone-weights", help="backbone weights: builtin, hub, a path or s3:// URL")
     t.add_argument("--skip-bad", action="store_true", help="skip unreadable training images")

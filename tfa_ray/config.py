@@ -54,6 +54,9 @@ class ModelConfig:
     # Per-channel standardisation of the fused features with statistics of the training
     # set: keeps low-magnitude channels from vanishing in the Euclidean terms.
     standardize_features: bool = False
+    # Local average pooling of the fused features over a p x p neighbourhood (PatchCore's
+    # local aggregation); 1 = off, the paper's features.
+    feature_pool: int = 1
 
 
 @dataclass(frozen=True)

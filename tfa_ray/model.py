@@ -218,6 +218,9 @@ class Detector(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """phi(I): standardised fused backbone features of (B, 3, S, S) images in [0, 1]."""
         phi = self.backbone(images)
+        p = self.cfg.feature_pool
+        if p > 1:
+            phi = F.avg_pool2d(phi, p, stride=1, padding=p // 2, count_include_pad=False)
         return (phi - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
 
     @torch.no_grad()

@@ -73,6 +73,7 @@ Resolver = Callable[[str, str], tuple[str, int, str]]
 
 MANIFEST_SUFFIXES = (".txt", ".lst", ".list", ".manifest", ".csv", ".parquet")
 PLAN_FILE = "_plan.json"
+DECODE_MAX_CALLS = 1000  # shards a decode worker process handles before it is replaced
 SUCCESS_FILE = "_SUCCESS"
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 
@@ -146,6 +147,7 @@ class RunSummary:
     models: dict[str, Any] = field(default_factory=dict)
     # distinct worker processes this invocation used per stage (decode tasks, scorer actors)
     processes: dict[str, int] = field(default_factory=dict)
+    scorer_peak_rss_mb: float = 0.0  # the largest scorer actor's peak resident memory
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -466,6 +468,13 @@ def decode_shard(
 # stage 2: score (actor pool)
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 class ShardScorer:
     """Callable class for ``map_batches``: scores one shard per call.
 
@@ -564,6 +573,7 @@ class ShardScorer:
             "maps": [_npy(maps)],
             "decode_pid": [int(_first(batch, "decode_pid"))],
             "score_pid": [os.getpid()],
+            "score_rss_mb": [_peak_rss_mb()],
         }
 
 
@@ -676,6 +686,7 @@ def write_shard(
         "anomalous": [sum(1 for a in anomalous if a)],
         "decode_pid": [int(_first(batch, "decode_pid"))],
         "score_pid": [int(_first(batch, "score_pid"))],
+        "score_rss_mb": [float(_first(batch, "score_rss_mb"))],
     }
 
 
@@ -710,14 +721,14 @@ def _run_pipeline(
     decode_compute = (
         ray.data.TaskPoolStrategy(size=cfg.decode_concurrency) if cfg.decode_concurrency else None
     )
-    # SPREAD: decoding is I/O + CPU work best spread over every node. It also keeps Ray Data
-    # from fusing this stage into the scorer actors (fusion needs equal remote args), so
-    # decoding scales over the cluster's CPUs independently of the (GPU) actor pool.
+    # max_calls: decode workers are recycled now and then (image decoders fragment memory).
+    # It also keeps Ray Data from fusing this stage into the scorer actors (fusion needs equal
+    # remote args): decoding must scale over the CPUs independently of the (GPU) actor pool.
     ds = ds.map_batches(
         decode_shard,
         batch_size=1,
         num_cpus=1,
-        scheduling_strategy="SPREAD",
+        max_calls=DECODE_MAX_CALLS,
         compute=decode_compute,
         fn_kwargs={
             "models": plan["models"],
@@ -818,12 +829,14 @@ def score(cfg: ScoreConfig, resolver: Resolver | None = None, echo=print) -> Run
     for cat, m in sorted(plan["models"].items()):
         echo(f"  {cat}: " + (m["error"] if "error" in m else f"{m['name']} v{m['version']}"))
     pids: dict[str, set[int]] = {"decode": set(), "score": set()}
+    peak_rss = 0.0
     if todo:
         n = 0
         for row in _run_pipeline(cfg, plan, todo, run_dir, resolver):
             n += 1
             pids["decode"].add(int(row["decode_pid"]))
             pids["score"].add(int(row["score_pid"]))
+            peak_rss = max(peak_rss, float(row["score_rss_mb"]))
             log.info("shard %s written: %s rows", row["file"], row["rows"])
             if n % max(1, len(todo) // 10) == 0 or n == len(todo):
                 echo(f"  {n}/{len(todo)} shards written")
@@ -846,6 +859,7 @@ def score(cfg: ScoreConfig, resolver: Resolver | None = None, echo=print) -> Run
             "score": len(pids["score"]),
             "shared": len(pids["decode"] & pids["score"]),  # 0: stages were not fused
         },
+        scorer_peak_rss_mb=peak_rss,
     )
     success = dict(
         summary.to_dict(), input=cfg.input, finished=_dt.datetime.now(_dt.UTC).isoformat()

@@ -319,9 +319,12 @@ def train_categories(
     """Train, evaluate, log and register every category; never raises for one category.
 
     ``outputs``: category -> directory / URL where its model package is also written."""
+    from tfa_ray import storage
     from tfa_ray.config import preset_from_json, preset_to_json
     from tfa_ray.data import discover
 
+    if storage.is_local(data):  # workers run in other directories: pass an absolute path
+        data = storage.normalize(data)
     preset_json = preset_to_json(preset)
     outcomes = {c: Outcome(c, ok=False) for c in categories}
     # preflight: every category's folder and file list, before any worker starts

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ from tfa_ray.model import Detector
 from tfa_ray.synth import paint_defect
 
 log = logging.getLogger(__name__)
+ECHO = functools.partial(print, flush=True)  # progress lines reach logs as they happen
 
 
 @dataclass
@@ -87,6 +89,12 @@ def make_validation_set(images: torch.Tensor, per_image: int, seed: int) -> Vali
         hwc = img.permute(1, 2, 0).numpy()
         for _ in range(per_image):
             bad, mask = paint_defect(hwc, rng)
+            # Real defects are often faint: blend at a random opacity so selection is not
+            # decided by glaring anomalies only.
+            opacity = rng.uniform(0.3, 1.0)
+            bad = np.where(mask[..., None], opacity * bad + (1 - opacity) * hwc, hwc)
+            bad = bad.round().astype(np.uint8)
+            mask = mask & (bad != hwc).any(axis=-1)
             anomalous.append(torch.from_numpy(np.ascontiguousarray(bad)).permute(2, 0, 1))
             masks.append(torch.from_numpy(mask))
     return ValidationSet(images, torch.stack(anomalous), torch.stack(masks))
@@ -247,7 +255,7 @@ def fit(
     skip_bad: bool = False,
     device: str | torch.device | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] = ECHO,
     resume_state: dict | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
