@@ -3,7 +3,9 @@
 Every variant is the CPU preset with a few overrides. Selection and thresholds come from
 held-out *normal training* images (with synthetic anomalies pasted in); the test split is
 read only for the final evaluation. The ``val`` column is that selection score, the only
-number a variant may be chosen by.
+number a variant may be chosen by. With ``--inference-ablation`` each trained model is also
+evaluated with the inference-only alternatives (test-time complementary masking on / off,
+each image score kind) on the same weights.
 
     python benchmarks/accuracy.py --data ../shared/data --category magnetic_tile
     python benchmarks/accuracy.py --variants paper-mask0,mask75,final --time-budget 300
@@ -12,37 +14,42 @@ number a variant may be chosen by.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
+import numpy as np
+import torch
+
+from tfa_ray.anomaly import anomaly_map, image_score
 from tfa_ray.config import get_preset
-from tfa_ray.data import discover
+from tfa_ray.data import discover, load_image, load_mask
 from tfa_ray.evaluation import evaluate_model
+from tfa_ray.metrics import evaluate
 from tfa_ray.package import TFAModel
 from tfa_ray.training import fit
 
 # name -> (description, preset overrides on top of cpu-small)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "paper-mask0": (
-        "no masking, paper inference, std score",
-        {"model__mask_ratio": 0.0, "model__test_mask_passes": 0, "anomaly__score": "std"},
-    ),
-    "mask25": (
-        "mask 25 % of input tokens, paper inference, std score",
-        {"model__mask_ratio": 0.25, "model__test_mask_passes": 0, "anomaly__score": "std"},
+        "no masking, paper inference, std score, no pooling",
+        {
+            "model__mask_ratio": 0.0,
+            "model__test_mask_passes": 0,
+            "anomaly__score": "std",
+            "model__feature_pool": 1,
+        },
     ),
     "mask75": (
-        "mask 75 %, paper inference, std score",
-        {"model__mask_ratio": 0.75, "model__test_mask_passes": 0, "anomaly__score": "std"},
+        "mask 75 %, paper inference, std score, no pooling",
+        {
+            "model__mask_ratio": 0.75,
+            "model__test_mask_passes": 0,
+            "anomaly__score": "std",
+            "model__feature_pool": 1,
+        },
     ),
-    "mask75-comp4": (
-        "mask 75 %, 4 complementary test passes, std score",
-        {"model__mask_ratio": 0.75, "model__test_mask_passes": 4, "anomaly__score": "std"},
-    ),
-    "mask75-auto": (
-        "mask 75 %, paper inference, score kind selected on synthetic anomalies",
-        {"model__mask_ratio": 0.75, "model__test_mask_passes": 0, "anomaly__score": "auto"},
-    ),
+    "pool1": ("the shipped preset without feature pooling", {"model__feature_pool": 1}),
     "final": ("the cpu-small preset as shipped", {}),
 }
 
@@ -53,45 +60,97 @@ REFERENCE = [
 ]
 
 
-def run_variant(name: str, data, time_budget: float | None, epochs: int | None) -> dict:
+def inference_ablation(result, data, base: dict, name: str) -> list[dict]:
+    """The same weights with every (test passes, score kind) pair; test features once."""
+    trained, det = result.preset, result.detector.eval()
+    size = trained.model.image_size
+    images = torch.stack([load_image(s.path, size) for s in data.test])
+    masks = torch.stack([load_mask(s, size) > 0.5 for s in data.test]).numpy()
+    labels = np.array([s.label for s in data.test])
+    with torch.no_grad():
+        phi = torch.cat([det.features(images[i : i + 32]) for i in range(0, len(images), 32)])
+    rows = []
+    for passes in (0, 4):
+        det.cfg = dataclasses.replace(trained.model, test_mask_passes=passes)
+        with torch.no_grad():
+            maps = torch.cat(
+                [
+                    anomaly_map(
+                        phi[i : i + 32], det.reconstruct(phi[i : i + 32]), size, trained.anomaly
+                    )
+                    for i in range(0, len(phi), 32)
+                ]
+            )
+        for kind in ("std", "topk", "max"):
+            if passes == trained.model.test_mask_passes and kind == trained.anomaly.score:
+                continue  # that is the as-trained row
+            scores = image_score(maps, dataclasses.replace(trained.anomaly, score=kind))
+            rows.append(
+                {
+                    **base,
+                    "variant": f"  {name}",
+                    "score_kind": kind,
+                    "passes": passes,
+                    "description": "same weights, other inference",
+                    **evaluate(labels, scores.numpy(), masks, maps.numpy()),
+                }
+            )
+    det.cfg = trained.model
+    return rows
+
+
+def run_variant(name: str, data, args) -> list[dict]:
     desc, overrides = VARIANTS[name]
     overrides = dict(overrides)
-    if time_budget is not None:
-        overrides["train__time_budget_s"] = time_budget
-    if epochs is not None:
-        overrides["train__epochs"] = epochs
+    if args.time_budget is not None:
+        overrides["train__time_budget_s"] = args.time_budget
+    if args.epochs is not None:
+        overrides["train__epochs"] = args.epochs
     preset = get_preset("cpu-small", **overrides)
     t0 = time.perf_counter()
     result = fit(data, preset)
-    train_s = time.perf_counter() - t0
-    model = TFAModel(result.detector, result.preset, result.calibration)
-    ev = evaluate_model(model, data)
-    return {
-        "variant": name,
-        "description": desc,
-        "train_s": train_s,
+    base = {
+        "train_s": time.perf_counter() - t0,
         "epochs": len(result.history),
         "best_epoch": result.best_epoch,
-        "score_kind": result.preset.anomaly.score,
         "val": result.selection_score,
-        "eval_s": ev.seconds,
-        **ev.metrics,
     }
+    ev = evaluate_model(TFAModel(result.detector, result.preset, result.calibration), data)
+    rows = [
+        {
+            **base,
+            "variant": name,
+            "description": desc,
+            "score_kind": result.preset.anomaly.score,
+            "passes": result.preset.model.test_mask_passes,
+            "eval_s": ev.seconds,
+            **ev.metrics,
+        }
+    ]
+    if args.inference_ablation:
+        rows += inference_ablation(result, data, base, name)
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'variant':<14} {'train':>7} {'ep':>3} {'best':>4} {'score':>5} {'val':>6} "
-            f"{'image':>6} {'pixel':>6} {'AUPRO':>6} {'F1max':>6}  description")
+    head = (
+        f"{'variant':<14} {'train':>7} {'ep':>3} {'best':>4} {'score':>5} {'pass':>4} "
+        f"{'val':>6} {'image':>6} {'pixel':>6} {'AUPRO':>6} {'F1max':>6}  description"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['variant']:<14} {r['train_s'] / 60:>6.1f}m {r['epochs']:>3} "
-              f"{r['best_epoch']:>4} {r['score_kind']:>5} {r['val']:>6.3f} "
-              f"{r['image_auroc']:>6.3f} {r['pixel_auroc']:>6.3f} {r['aupro']:>6.3f} "
-              f"{r['f1_max']:>6.3f}  {r['description']}")
+        print(
+            f"{r['variant']:<14} {r['train_s'] / 60:>6.1f}m {r['epochs']:>3} "
+            f"{r['best_epoch']:>4} {r['score_kind']:>5} {r['passes']:>4} {r['val']:>6.3f} "
+            f"{r['image_auroc']:>6.3f} {r['pixel_auroc']:>6.3f} {r['aupro']:>6.3f} "
+            f"{r['f1_max']:>6.3f}  {r['description']}"
+        )
     for name, img, pix, pro in REFERENCE:
-        print(f"{'(reference)':<14} {'':>7} {'':>3} {'':>4} {'':>5} {'':>6} "
-              f"{img:>6.3f} {pix:>6.3f} {pro:>6.3f} {'':>6}  {name}")
+        print(
+            f"{'(reference)':<14} {'':>7} {'':>3} {'':>4} {'':>5} {'':>4} {'':>6} "
+            f"{img:>6.3f} {pix:>6.3f} {pro:>6.3f} {'':>6}  {name}"
+        )
 
 
 def main() -> None:
@@ -101,13 +160,18 @@ def main() -> None:
     p.add_argument("--variants", default="final", help=f"comma list of {sorted(VARIANTS)}")
     p.add_argument("--time-budget", type=float, help="override the preset's training budget (s)")
     p.add_argument("--epochs", type=int, help="override the preset's epoch count")
+    p.add_argument(
+        "--inference-ablation",
+        action="store_true",
+        help="also evaluate other test passes / score kinds on the same weights",
+    )
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
 
     data = discover(args.data, args.category)
-    rows = []
+    rows: list[dict] = []
     for name in args.variants.split(","):
-        rows.append(run_variant(name, data, args.time_budget, args.epochs))
+        rows += run_variant(name, data, args)
         print_table(rows)
         if args.json:
             with open(args.json, "w") as f:

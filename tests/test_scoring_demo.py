@@ -20,7 +20,7 @@ def test_demo_quick_end_to_end(ray_cluster, tmp_path, monkeypatch, capsys):
     assert main(["demo", "--quick", "--workdir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     for cat in ("texture", "object"):
-        assert f"tfa-{cat} v1 promoted to champion" in out
+        assert f"tfa-{cat} v1 promoted to champion" in out, out[-4000:]
         row = re.search(
             rf"^{cat}\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", out, re.M
         )

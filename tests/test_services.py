@@ -223,7 +223,7 @@ def mlflow_server(s3_server, tmp_path) -> Iterator[MlflowServer]:
 
 
 LOAD_CHAMPION = r"""
-import json, sys
+import json, os, sys
 
 import mlflow
 import pandas as pd
@@ -234,6 +234,7 @@ from tfa_ray.data import decode_image, image_to_tensor
 from tfa_ray.package import load_model
 
 image, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst, exist_ok=True)
 pyfunc = mlflow.pyfunc.load_model("models:/tfa-texture@champion", dst_path=dst)
 out = pyfunc.predict(pd.DataFrame({"image": [image]}))
 name, version, pkg = registry.resolve_model("texture")
@@ -347,7 +348,16 @@ def ray_head() -> Iterator[RayHead]:
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]  # fmt: skip
-    env = _clean_env(RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    env = _clean_env(
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM stops the node at once
+        # Ray rewrites --node-ip-address=127.0.0.1 to the machine's address unless it runs as
+        # a single-node (loopback) cluster, which this switch selects.
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        # Loopback only, so no token: the Jobs client here then needs no credentials (Ray
+        # enables token auth by default and reads the token from the user's home otherwise).
+        RAY_AUTH_MODE="disabled",
+    )
     log_path = os.path.join(temp_dir, "ray-start.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
+import torch
 
 from tfa_ray import registry, train_ray
 from tfa_ray.config import get_preset, preset_to_json
@@ -92,3 +95,59 @@ def test_categories_concurrently_tracked_and_registered(
         assert {"train_loss", "val_loss", "wall_time_s", "image_auroc"} <= set(run.data.metrics)
     table = train_ray.summary_table(outcomes)
     assert "FAILED" in table and "tfa-texture v1" in table
+
+
+def test_ddp_two_workers_match_one_worker(ray_cluster, tmp_path):
+    """Two DDP workers train the same model as one worker, up to float summation order.
+
+    Random token masking is off (mask_ratio 0): each worker draws masks for its own shard, so
+    with masking the runs legitimately differ. Without it a step is deterministic, and the data
+    makes DDP exact: 9 normal images, 1 held out, batch size 4, so every step is a global batch
+    of 4 split 2 + 2. DDP averages equal-sized shard means, which is the 1-worker batch mean:
+    gradients, AdamW steps, weights, losses and calibration agree to round-off (measured: under
+    1e-7 on weights and relative on losses). The logged train_loss is the mean over the workers
+    (each worker's own is its shard's only: 18.64 vs 18.53 here before train_ray averaged it).
+
+    Tolerances: 1e-5 absolute on weights, a hundredth of one AdamW step (about lr = 1e-3 per
+    weight; a wrong gradient, e.g. one worker's shard alone, moves weights by about that step);
+    1e-5 relative on losses and the threshold. The attention key bias is
+    left out: softmax ignores a constant added to every key, so its gradient is exactly zero and
+    AdamW's normalised step on the round-off left in it is arbitrary (seen: up to 3e-5).
+    """
+    from safetensors.torch import load_file
+
+    root = str(tmp_path / "data")
+    make_dataset(root, categories=("texture",), n_train=9, n_test_good=1, n_test_defect=1, size=64)
+    preset = get_preset("test-tiny", train__epochs=2, train__batch_size=4, model__mask_ratio=0.0)
+    runs = []
+    for workers in (1, 2):
+        settings = train_ray.RaySettings(
+            num_workers=workers, storage_path=str(tmp_path / f"ckpt{workers}"), max_failures=0
+        )
+        pkg, summary, history = train_ray.train_one(
+            root, "texture", preset_to_json(preset), settings
+        )
+        with open(os.path.join(pkg, "calibration.json")) as f:
+            threshold = json.load(f)["threshold"]
+        weights = load_file(os.path.join(pkg, "weights.safetensors"))
+        shutil.rmtree(os.path.dirname(pkg), ignore_errors=True)  # train_one's temporary dir
+        runs.append((weights, summary, history, threshold))
+
+    (w1, s1, h1, t1), (w2, s2, h2, t2) = runs
+    assert (s1["world_size"], s2["world_size"]) == (1, 2)
+    assert s1["num_train"] == s2["num_train"] == 8
+    assert [h["epoch"] for h in h1] == [h["epoch"] for h in h2] == [1, 2]
+    for a, b in zip(h1, h2, strict=True):
+        for key in ("train_loss", "val_loss", "selection"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a[key], b[key])
+    assert t2 == pytest.approx(t1, rel=1e-5)
+    assert w1.keys() == w2.keys()
+    diffs = {}
+    for k in w1:
+        a, b = w1[k].float(), w2[k].float()
+        if k.endswith("attn.qkv.bias"):  # [query | key | value]: drop the key part
+            d = a.numel() // 3
+            a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
+        diffs[k] = (a - b).abs().max().item()
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] < 1e-5, (worst, diffs[worst])

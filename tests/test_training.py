@@ -26,7 +26,9 @@ def synth_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(synth_root):
     data = discover(synth_root, "texture")
-    preset = get_preset("test-tiny", train__epochs=3, anomaly__score="auto")
+    preset = get_preset(
+        "test-tiny", train__epochs=3, anomaly__score="auto", train__try_test_mask_passes=(4,)
+    )
     from tfa_ray.training import fit
 
     epochs = []
@@ -57,6 +59,8 @@ def test_fit_trains_selects_on_normal_images_and_calibrates(trained):
     best = result.history[result.best_epoch - 1]["selection"]
     assert best == max(e["selection"] for e in result.history) == result.selection_score
     assert result.preset.anomaly.score in ("std", "max", "topk")  # "auto" resolved
+    assert result.preset.model.test_mask_passes in (0, 4)
+    assert result.detector.cfg == result.preset.model
     assert result.num_val >= 1 and result.num_train + result.num_val == len(data.train)
     cal = result.calibration
     assert cal.num_images == result.num_val and cal.threshold > 0

@@ -86,6 +86,9 @@ class TrainConfig:
     cache_features: bool = True  # backbone is frozen: compute training features once
     seed: int = 0
     num_workers: int = 0  # DataLoader workers for image decoding
+    # After training, also try these test-time mask passes (model.test_mask_passes) on the
+    # held-out selection set and keep the best; () = keep the configured one.
+    try_test_mask_passes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,8 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
     os.makedirs(work, exist_ok=True)
     uri = "sqlite:///" + os.path.join(work, "mlflow.db")
     os.environ["MLFLOW_TRACKING_URI"] = uri  # before Ray starts: its workers inherit it
+    # a busy laptop may take more than Ray Train's default 60 s to start a worker group
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     data_root = os.path.join(work, "data")
     archive = os.path.join(work, "archive")
     shutil.rmtree(data_root, ignore_errors=True)

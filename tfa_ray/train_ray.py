@@ -178,12 +178,25 @@ def worker_loop(config: dict) -> None:
             return train.torch.prepare_model(net, move_to_device=False)
 
     device = train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+
+    def on_epoch_end(record: dict) -> None:
+        # fit's train_loss is this worker's shard only; log the mean over the workers (the loss
+        # whose gradient DDP's average is: the global batch mean when the shards are equal).
+        # The record is the one in fit's history, so checkpoints and the result carry it too.
+        if world > 1:
+            import torch.distributed as dist
+
+            loss = torch.tensor([record["train_loss"]], dtype=torch.float64, device=device)
+            dist.all_reduce(loss)
+            record["train_loss"] = loss.item() / world
+
     result = fit(
         data,
         preset,
         template=config.get("template"),
         skip_bad=bool(config.get("skip_bad")),
         device=device,
+        on_epoch_end=on_epoch_end,
         resume_state=resume,
         on_checkpoint=on_checkpoint,
         wrap_model=wrap,

@@ -394,6 +394,23 @@ def fit(
     preset = dataclasses.replace(
         preset, anomaly=dataclasses.replace(preset.anomaly, score=best["kind"])
     )
+    for passes in tcfg.try_test_mask_passes:
+        if passes == preset.model.test_mask_passes:
+            continue
+        trial = dataclasses.replace(preset.model, test_mask_passes=passes)
+        detector.cfg = trial
+        maps_n, _ = predict_features(detector, val_normal_phi, preset, device, tcfg.batch_size)
+        maps_a, _ = predict_features(detector, val_anom_phi, preset, device, tcfg.batch_size)
+        sel, parts = selection_score(maps_n, maps_a, val.masks, preset.anomaly)
+        echo(f"[{data.category}] test-time mask passes {passes}: selection {sel:.4f}")
+        if sel > best["score"]:
+            best.update(score=sel, kind=parts["score_kind"])
+            preset = dataclasses.replace(
+                preset,
+                model=trial,
+                anomaly=dataclasses.replace(preset.anomaly, score=parts["score_kind"]),
+            )
+        detector.cfg = preset.model
     maps_n, _ = predict_features(detector, val_normal_phi, preset, device, tcfg.batch_size)
     scores_n = image_score(maps_n, preset.anomaly)
     calibration = calibrate(scores_n.numpy(), maps_n.numpy(), tcfg.target_fpr)
