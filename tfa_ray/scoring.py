@@ -189,12 +189,16 @@ class RegistryResolver:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
         self.tracking_uri = _absolute_tracking_uri(uri)
         self.prefix = prefix
+        # the driver's model cache setting travels with the resolver (workers' env is older)
+        self.cache_dir = os.environ.get("TFA_RAY_MODEL_CACHE")
 
     def __call__(self, category: str, alias: str = "champion") -> tuple[str, int, str]:
         import mlflow
 
         from tfa_ray.registry import resolve_model  # lazily: registry pulls in MLflow
 
+        if self.cache_dir:
+            os.environ["TFA_RAY_MODEL_CACHE"] = self.cache_dir
         mlflow.set_tracking_uri(self.tracking_uri)
         return resolve_model(category, alias, self.prefix, uri=self.tracking_uri)
 
