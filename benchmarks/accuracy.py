@@ -49,7 +49,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
             "model__feature_pool": 1,
         },
     ),
-    "pool1": ("the shipped preset without feature pooling", {"model__feature_pool": 1}),
+    "k4-b16": ("K=4, batch 16", {"model__patch_size": 4, "train__batch_size": 16}),
+    "k4-b4": ("K=4, batch 4 (the paper's batch)", {"model__patch_size": 4, "train__batch_size": 4}),
+    "k8-b4": ("K=8, batch 4", {"model__patch_size": 8, "train__batch_size": 4}),
+    "pool3": ("the shipped preset with 3x3 feature pooling", {"model__feature_pool": 3}),
     "final": ("the cpu-small preset as shipped", {}),
 }
 

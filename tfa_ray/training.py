@@ -132,6 +132,18 @@ def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return mean.float(), std.float()
 
 
+def agreed_seconds(seconds: float, device: torch.device, distributed: bool) -> float:
+    """Under data parallelism every worker must follow the same clock (learning rate, time
+    budget stop), or their steps drift apart: take the slowest worker's."""
+    if not (
+        distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)  # NCCL needs CUDA tensors
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
 def learning_rate(base: float, progress: float, warmup: float = 0.05) -> float:
     """Linear warm-up then cosine decay over training progress in [0, 1].
 
@@ -315,6 +327,8 @@ def fit(
         )
         t_train -= history[-1]["elapsed_s"] if history else 0.0
     train_net = wrap_model(detector.net) if wrap_model is not None else None
+    if shard is not None:  # data parallel: each worker draws its own input-token masks
+        torch.manual_seed(tcfg.seed + 1 + shard[0])
     for epoch in range(start_epoch, tcfg.epochs):
         detector.train()
         t_epoch = time.perf_counter()
@@ -333,7 +347,8 @@ def fit(
             loss, _ = reconstruction_loss(phi, phi_hat, preset.anomaly)
             progress = step / total_steps
             if tcfg.time_budget_s:
-                progress = max(progress, (time.perf_counter() - t_train) / tcfg.time_budget_s)
+                used = agreed_seconds(time.perf_counter() - t_train, device, shard is not None)
+                progress = max(progress, used / tcfg.time_budget_s)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(tcfg.lr, progress)
             optimizer.zero_grad(set_to_none=True)
@@ -385,7 +400,8 @@ def fit(
         if tcfg.patience and epoch + 1 - best["epoch"] >= tcfg.patience:
             echo(f"[{data.category}] early stop: selection flat for {tcfg.patience} epochs")
             break
-        if tcfg.time_budget_s and elapsed + elapsed / (epoch + 1) > tcfg.time_budget_s:
+        used = agreed_seconds(elapsed, device, shard is not None) if tcfg.time_budget_s else 0.0
+        if tcfg.time_budget_s and used + used / (epoch + 1) > tcfg.time_budget_s:
             echo(f"[{data.category}] stopping: time budget of {tcfg.time_budget_s:.0f}s reached")
             break
 
