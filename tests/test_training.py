@@ -18,8 +18,15 @@ from tfa_ray.training import learning_rate, split_train_val
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    make_dataset(str(root), categories=("texture",), n_train=24, n_test_good=6, n_test_defect=8,
-                 size=96, seed=3)
+    make_dataset(
+        str(root),
+        categories=("texture",),
+        n_train=24,
+        n_test_good=6,
+        n_test_defect=8,
+        size=96,
+        seed=3,
+    )
     return str(root)
 
 
@@ -126,8 +133,19 @@ def test_bad_training_image_stops_training_with_every_bad_file_listed(synth_root
 def test_cli_synth_train_evaluate(tmp_path, capsys):
     root, model_dir = tmp_path / "data", tmp_path / "model"
     assert cli.main(["synth", "--output", str(root)]) == 0
-    argv = ["train", "--data", str(root), "--category", "object", "--preset", "test-tiny",
-            "--epochs", "1", "--output", str(model_dir)]
+    argv = [
+        "train",
+        "--data",
+        str(root),
+        "--category",
+        "object",
+        "--preset",
+        "test-tiny",
+        "--epochs",
+        "1",
+        "--output",
+        str(model_dir),
+    ]
     assert cli.main(argv) == 0
     out_json = tmp_path / "metrics.json"
     argv = ["evaluate", "--model", str(model_dir), "--data", str(root), "--json", str(out_json)]
@@ -139,9 +157,19 @@ def test_cli_synth_train_evaluate(tmp_path, capsys):
 
 
 def test_cli_reports_a_missing_category_as_one_clear_error(tmp_path, capsys):
-    make_dataset(str(tmp_path), categories=("texture",), n_train=4, n_test_good=1,
-                 n_test_defect=1, size=32)
-    argv = ["train", "--data", str(tmp_path), "--category", "nope", "--preset", "test-tiny",
-            "--output", str(tmp_path / "m")]
+    make_dataset(
+        str(tmp_path), categories=("texture",), n_train=4, n_test_good=1, n_test_defect=1, size=32
+    )
+    argv = [
+        "train",
+        "--data",
+        str(tmp_path),
+        "--category",
+        "nope",
+        "--preset",
+        "test-tiny",
+        "--output",
+        str(tmp_path / "m"),
+    ]
     assert cli.main(argv) == 2
     assert "error" in capsys.readouterr().err
