@@ -26,7 +26,7 @@ from tfa_ray.config import get_preset
 from tfa_ray.data import discover, load_image, load_mask
 from tfa_ray.evaluation import evaluate_model
 from tfa_ray.metrics import evaluate
-from tfa_ray.package import TFAModel
+from tfa_ray.package import TFAModel, save_model
 from tfa_ray.training import fit
 
 # name -> (description, preset overrides on top of cpu-small)
@@ -118,6 +118,14 @@ def run_variant(name: str, data, args) -> list[dict]:
         "best_epoch": result.best_epoch,
         "val": result.selection_score,
     }
+    if args.save:
+        save_model(
+            f"{args.save}/{name}",
+            result.detector,
+            result.preset,
+            result.calibration,
+            {"category": data.category, "history": result.history},
+        )
     ev = evaluate_model(TFAModel(result.detector, result.preset, result.calibration), data)
     rows = [
         {
@@ -169,6 +177,7 @@ def main() -> None:
         help="also evaluate other test passes / score kinds on the same weights",
     )
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--save", help="write each variant's model package to SAVE/<variant>")
     args = p.parse_args()
 
     data = discover(args.data, args.category)

@@ -1,6 +1,7 @@
 """The single-category training loop, the model package and the CLI, on tiny synthetic data."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,46 @@ def test_cli_reports_a_missing_category_as_one_clear_error(tmp_path, capsys):
     ]
     assert cli.main(argv) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_evaluation_on_a_loco_layout_reports_auspro(trained, synth_root, tmp_path):
+    """MVTec LOCO: masks are folders of per-defect PNGs whose grey value names the defect."""
+    import shutil
+
+    from PIL import Image
+
+    from tfa_ray.package import TFAModel
+
+    _, _, result, _ = trained
+    src, cat = f"{synth_root}/texture", tmp_path / "loco" / "texture"
+    shutil.copytree(f"{src}/train/good", cat / "train" / "good")
+    shutil.copytree(f"{src}/test/good", cat / "validation" / "good")
+    shutil.copytree(f"{src}/test/good", cat / "test" / "good")
+    defects = sorted(p for p in Path(src, "test").iterdir() if p.name != "good")
+    (cat / "test" / "structural_anomalies").mkdir(parents=True)
+    n = 0
+    for d in defects:
+        for img in sorted(d.glob("*.png")):
+            stem = f"{n:03d}"
+            shutil.copy(img, cat / "test" / "structural_anomalies" / f"{stem}.png")
+            mask = np.array(Image.open(f"{src}/ground_truth/{d.name}/{img.stem}_mask.png"))
+            gt_dir = cat / "ground_truth" / "structural_anomalies" / stem
+            gt_dir.mkdir(parents=True)
+            Image.fromarray(np.where(mask > 0, 200, 0).astype(np.uint8)).save(gt_dir / "000.png")
+            n += 1
+    config = [
+        {
+            "defect_name": "spot",
+            "pixel_value": 200,
+            "saturation_threshold": 0.5,
+            "relative_saturation": True,
+        }
+    ]
+    (cat / "defects_config.json").write_text(json.dumps(config))
+
+    data = discover(str(tmp_path / "loco"), "texture")
+    assert data.layout == "loco" and data.defects_config == config
+    model = TFAModel(result.detector, result.preset, result.calibration)
+    metrics = evaluate_model(model, data).metrics
+    assert 0.0 <= metrics["auspro"] <= 1.0
+    assert 0.0 <= metrics["aupro"] <= 1.0

@@ -203,6 +203,15 @@ def decode_mask(data: bytes, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     return arr != 0 if arr.ndim == 2 else np.any(arr != 0, axis=2)
 
 
+def decode_mask_values(data: bytes, size: int, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """A MVTec LOCO mask's raw grey values (each defect type has its own ``pixel_value``),
+    ``size x size``, resized with nearest neighbour so no value is invented."""
+    img = _open(data, max_pixels)
+    if img.mode not in ("L", "I") and not img.mode.startswith("I;16"):
+        img = img.convert("L")
+    return np.asarray(img.resize((size, size), Image.Resampling.NEAREST)).astype(np.int64)
+
+
 def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """RGB image to float32 ``(3, size, size)`` in [0, 1], resized bilinearly with Pillow's
     antialiasing. No mean / std normalisation: the backbone does that, for inputs and the
