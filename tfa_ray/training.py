@@ -216,6 +216,22 @@ def selection_score(
     return 0.5 * (img + pro), {"val_image_auroc": img, "val_aupro": pro, "score_kind": kind}
 
 
+def validate(
+    detector: Detector,
+    val: ValidationSet,
+    normal_phi: torch.Tensor,
+    anomalous_phi: torch.Tensor,
+    preset: Preset,
+    device: torch.device,
+) -> tuple[float, dict, float]:
+    """Selection score, its parts, and the validation loss on the held-out normal images."""
+    bs = preset.train.batch_size
+    maps_n, val_loss = predict_features(detector, normal_phi, preset, device, bs)
+    maps_a, _ = predict_features(detector, anomalous_phi, preset, device, bs)
+    sel, parts = selection_score(maps_n, maps_a, val.masks, preset.anomaly)
+    return sel, parts, val_loss
+
+
 def shard_batch(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Worker ``rank``'s share of a global batch (strided, like DistributedSampler). A batch
     smaller than the world is wrapped around so every worker steps (DDP needs all of them)."""
@@ -360,11 +376,7 @@ def fit(
         train_time = time.perf_counter() - t_epoch
 
         detector.eval()
-        maps_n, val_loss = predict_features(
-            detector, val_normal_phi, preset, device, tcfg.batch_size
-        )
-        maps_a, _ = predict_features(detector, val_anom_phi, preset, device, tcfg.batch_size)
-        sel, parts = selection_score(maps_n, maps_a, val.masks, preset.anomaly)
+        sel, parts, val_loss = validate(detector, val, val_normal_phi, val_anom_phi, preset, device)
         elapsed = time.perf_counter() - t_train
         eta = elapsed / (epoch + 1) * (tcfg.epochs - epoch - 1)
         record = {
@@ -415,9 +427,7 @@ def fit(
             continue
         trial = dataclasses.replace(preset.model, test_mask_passes=passes)
         detector.cfg = trial
-        maps_n, _ = predict_features(detector, val_normal_phi, preset, device, tcfg.batch_size)
-        maps_a, _ = predict_features(detector, val_anom_phi, preset, device, tcfg.batch_size)
-        sel, parts = selection_score(maps_n, maps_a, val.masks, preset.anomaly)
+        sel, parts, _ = validate(detector, val, val_normal_phi, val_anom_phi, preset, device)
         echo(f"[{data.category}] test-time mask passes {passes}: selection {sel:.4f}")
         if sel > best["score"]:
             best.update(score=sel, kind=parts["score_kind"])
