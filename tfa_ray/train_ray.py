@@ -91,8 +91,10 @@ def default_concurrency(settings: RaySettings) -> int:
 
 
 def _storage(settings: RaySettings):
-    """(storage_path, storage_filesystem) for RunConfig; S3 gets an explicit pyarrow FS so a
-    custom endpoint (MinIO, moto) is honoured."""
+    """(storage_path, storage_filesystem) for RunConfig.
+
+    S3 goes through the same s3fs filesystem as the data (custom endpoints such as MinIO or
+    moto honoured, credentials from the usual AWS chain), wrapped for pyarrow."""
     from tfa_ray import storage
 
     path = settings.storage_path or os.path.join(os.getcwd(), "runs", "ray")
@@ -110,16 +112,8 @@ def _storage(settings: RaySettings):
                 f"checkpoint bucket not found: s3://{bucket} "
                 "(check --storage-path, the endpoint and the credentials)"
             )
-        endpoint = (
-            settings.endpoint_url
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-        )
-        kwargs = {}
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
-            kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
-        return bucket_path, pafs.S3FileSystem(**kwargs)
+        fs, _ = storage.get_fs(f"s3://{bucket}", settings.endpoint_url)
+        return bucket_path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     return path, None
 
 
