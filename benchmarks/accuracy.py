@@ -53,6 +53,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "k4-b4": ("K=4, batch 4 (the paper's batch)", {"model__patch_size": 4, "train__batch_size": 4}),
     "k8-b4": ("K=8, batch 4", {"model__patch_size": 8, "train__batch_size": 4}),
     "pool3": ("the shipped preset with 3x3 feature pooling", {"model__feature_pool": 3}),
+    "k8-b4-dn50": (
+        "K=8, batch 4, half the inputs with a pasted defect, clean target",
+        {"model__patch_size": 8, "train__batch_size": 4, "train__denoise_fraction": 0.5},
+    ),
     "final": ("the cpu-small preset as shipped", {}),
 }
 

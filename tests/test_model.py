@@ -139,3 +139,22 @@ def test_feature_pool_averages_each_neighbourhood():
     assert a.shape == b.shape
     assert torch.allclose(b[0, :, 5, 7], a[0, :, 4:7, 6:9].mean(dim=(1, 2)), atol=1e-5)
     assert torch.allclose(b[0, :, 0, 0], a[0, :, :2, :2].mean(dim=(1, 2)), atol=1e-5)
+
+
+def test_bf16_precision_on_cpu_is_engaged_and_close_to_fp32(tiny_model_dir):
+    from tfa_ray.package import load_model
+
+    model = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, model.image_size, model.image_size)
+    model.precision = "fp32"
+    maps32, scores32 = model.predict(x)
+    model.precision = "bf16"
+    maps16, scores16 = model.predict(x)
+    assert maps16.dtype == torch.float32  # maps are computed in fp32 from the bf16 features
+    rel = ((maps16 - maps32).abs().mean() / maps32.abs().mean()).item()
+    assert 0 < rel < 0.05, rel  # autocast really ran in bf16, and stayed close
+    assert torch.allclose(scores16, scores32, rtol=0.05)
+    model.precision = "fp16"
+    with pytest.raises(ValueError, match="precision"):
+        model.predict(x)

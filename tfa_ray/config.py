@@ -89,6 +89,10 @@ class TrainConfig:
     # After training, also try these test-time mask passes (model.test_mask_passes) on the
     # held-out selection set and keep the best; () = keep the configured one.
     try_test_mask_passes: tuple[int, ...] = ()
+    # Fraction of training inputs that carry a pasted synthetic defect while the target stays
+    # the clean features: teaches the net to put normal appearance back instead of copying
+    # whatever it sees (0 = the paper: plain reconstruction of normal images).
+    denoise_fraction: float = 0.0
 
 
 @dataclass(frozen=True)

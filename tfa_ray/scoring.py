@@ -129,6 +129,9 @@ class ScoreConfig:
     max_pixels: int | None = MAX_PIXELS
     endpoint_url: str | None = None
     device: str | None = None  # scorer device; default cuda when the actor has a GPU
+    # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" also on CPU (same AUROCs measured on
+    # magnetic_tile, about 1.7x faster on CPUs with bf16 instructions); "fp32"
+    precision: str = "auto"
     report: str | None = None  # also write the HTML run report here
 
 
@@ -495,6 +498,7 @@ class ShardScorer:
         device: str | None = None,
         num_threads: int | None = None,
         kill_once_marker: str | None = None,
+        precision: str = "auto",
     ):
         import torch
 
@@ -506,6 +510,7 @@ class ShardScorer:
         if num_threads and self.device == "cpu":
             torch.set_num_threads(int(num_threads))
         self.kill_once_marker = kill_once_marker
+        self.precision = precision
         self.models: dict[str, Any] = {}  # category -> (name, version, TFAModel) or Exception
 
     def _model(self, category: str):
@@ -515,6 +520,7 @@ class ShardScorer:
             try:
                 name, version, url = self.resolver(category, self.alias)
                 model = load_model(url, device=self.device)
+                model.precision = self.precision
                 with self.torch.no_grad():
                     model.detector.template_embedding()  # template features: once per actor
                 self.models[category] = (name, int(version), model)
@@ -759,6 +765,7 @@ def _run_pipeline(
             "device": device,
             "num_threads": max(1, int(round(cfg.num_cpus_per_actor))),
             "kill_once_marker": os.environ.get(ENV_KILL_SCORER_ONCE) or None,
+            "precision": cfg.precision,
         },
     )
     ds = ds.map_batches(
@@ -928,6 +935,12 @@ def add_score_arguments(p) -> None:
     )
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--device", help="scorer device (default: cuda with GPUs, else cpu)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: also on CPU",
+    )
     p.add_argument("--report", help="also write the HTML run report to this file")
     p.add_argument("--json", help="write the run summary as JSON to this file")
 
@@ -952,6 +965,7 @@ def run_from_args(args) -> RunSummary:
         max_pixels=args.max_pixels,
         endpoint_url=args.endpoint_url,
         device=args.device,
+        precision=args.precision,
         report=args.report,
     )
     resolver: Resolver | None = None

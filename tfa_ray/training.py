@@ -82,22 +82,39 @@ def load_images_uint8(paths: list[str], size: int) -> torch.Tensor:
     return out
 
 
+def paste_synthetic(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic defect pasted into an (H, W, 3) uint8 image, and its exact mask.
+
+    Real defects are often faint: the defect is blended in at a random opacity, so neither
+    selection nor denoising training is decided by glaring anomalies only.
+    """
+    bad, mask = paint_defect(image, rng)
+    opacity = rng.uniform(0.3, 1.0)
+    bad = np.where(mask[..., None], opacity * bad + (1 - opacity) * image, image)
+    bad = bad.round().astype(np.uint8)
+    return np.ascontiguousarray(bad), mask & (bad != image).any(axis=-1)
+
+
 def make_validation_set(images: torch.Tensor, per_image: int, seed: int) -> ValidationSet:
     rng = np.random.default_rng(seed + 1)
     anomalous, masks = [], []
     for img in images:
         hwc = img.permute(1, 2, 0).numpy()
         for _ in range(per_image):
-            bad, mask = paint_defect(hwc, rng)
-            # Real defects are often faint: blend at a random opacity so selection is not
-            # decided by glaring anomalies only.
-            opacity = rng.uniform(0.3, 1.0)
-            bad = np.where(mask[..., None], opacity * bad + (1 - opacity) * hwc, hwc)
-            bad = bad.round().astype(np.uint8)
-            mask = mask & (bad != hwc).any(axis=-1)
-            anomalous.append(torch.from_numpy(np.ascontiguousarray(bad)).permute(2, 0, 1))
+            bad, mask = paste_synthetic(hwc, rng)
+            anomalous.append(torch.from_numpy(bad).permute(2, 0, 1))
             masks.append(torch.from_numpy(mask))
     return ValidationSet(images, torch.stack(anomalous), torch.stack(masks))
+
+
+def corrupted_copies(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """One copy of every training image with a pasted synthetic defect (denoising inputs)."""
+    rng = np.random.default_rng(seed + 2)
+    out = torch.empty_like(images)
+    for i, img in enumerate(images):
+        bad, _ = paste_synthetic(img.permute(1, 2, 0).numpy(), rng)
+        out[i] = torch.from_numpy(bad).permute(2, 0, 1)
+    return out
 
 
 def to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -322,6 +339,9 @@ def fit(
         train_phi = (
             (train_phi.float() - mean[:, None, None]) / std.clamp_min(1e-6)[:, None, None]
         ).half()
+    corrupt_phi = None
+    if tcfg.denoise_fraction > 0:
+        corrupt_phi = compute_features(detector, corrupted_copies(train_images, tcfg.seed), device)
     val_normal_phi = compute_features(detector, val.normal, device)
     val_anom_phi = compute_features(detector, val.anomalous, device)
     echo(f"[{data.category}] backbone features cached in {time.perf_counter() - t_feat:.1f}s")
@@ -355,11 +375,17 @@ def fit(
             if shard is not None:  # data parallel: this worker's share of the global batch
                 batch = shard_batch(batch, *shard)
             phi = train_phi[batch].to(device).float()
+            phi_in = phi
+            if corrupt_phi is not None:  # these inputs carry a defect; the target stays clean
+                noisy = torch.rand(len(batch)) < tcfg.denoise_fraction
+                if noisy.any():
+                    phi_in = phi.clone()
+                    phi_in[noisy] = corrupt_phi[batch[noisy]].to(device).float()
             with autocast(device):
                 if train_net is None:
-                    phi_hat = detector.reconstruct(phi, mask_ratio=cfg.mask_ratio)
+                    phi_hat = detector.reconstruct(phi_in, mask_ratio=cfg.mask_ratio)
                 else:  # the wrapped (DDP) net; in training mode the same as reconstruct
-                    phi_hat = train_net(phi, detector.template_embedding(), cfg.mask_ratio)
+                    phi_hat = train_net(phi_in, detector.template_embedding(), cfg.mask_ratio)
             loss, _ = reconstruction_loss(phi, phi_hat, preset.anomaly)
             progress = step / total_steps
             if tcfg.time_budget_s:
