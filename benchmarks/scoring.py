@@ -84,11 +84,14 @@ def make_model(path: str, preset_name: str) -> str:
     return save_model(path, det, preset, cal, {"category": "texture", "benchmark": True})
 
 
-def model_only(model_dir: str, batch: int, threads: int, n_batches: int) -> float:
+def model_only(
+    model_dir: str, batch: int, threads: int, n_batches: int, precision: str = "auto"
+) -> float:
     from tfa_ray.package import load_model
 
     torch.set_num_threads(threads)
     model = load_model(model_dir)
+    model.precision = precision
     x = torch.rand(batch, 3, model.image_size, model.image_size)
     model.predict(x)  # warm-up (template embedding, allocator)
     t = time.perf_counter()
@@ -121,6 +124,7 @@ def main() -> None:
     p.add_argument("--model-batches", type=int, default=10)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tfa-bench-scoring"))
     p.add_argument("--no-s3", action="store_true")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     args = p.parse_args()
 
     import ray
@@ -137,9 +141,11 @@ def main() -> None:
     threads = max(1, int(round(args.num_cpus_per_actor)))
 
     rows = []
-    ips_model = model_only(model_dir, args.batch_size, threads, args.model_batches)
+    ips_model = model_only(model_dir, args.batch_size, threads, args.model_batches, args.precision)
     rows.append((f"model only ({threads} thread(s), batch {args.batch_size})", ips_model, None))
-    ips_all = model_only(model_dir, args.batch_size, os.cpu_count() or 1, args.model_batches)
+    ips_all = model_only(
+        model_dir, args.batch_size, os.cpu_count() or 1, args.model_batches, args.precision
+    )
     rows.append((f"model only (all {os.cpu_count()} cores)", ips_all, None))
     torch.set_num_threads(1)  # the driver does little; leave the cores to the pipeline
 
@@ -169,6 +175,7 @@ def main() -> None:
             shard_size=args.shard_size,
             concurrency=args.concurrency,
             num_cpus_per_actor=args.num_cpus_per_actor,
+            precision=args.precision,
         )
         t = time.perf_counter()
         summary = scoring.score(cfg, resolver, echo=lambda _m: None)
@@ -198,7 +205,7 @@ def main() -> None:
     print(
         f"\n{len(paths)} images 256-1024 px (PNG/JPEG), preset {args.preset}, batch "
         f"{args.batch_size}, shard {args.shard_size}, {args.concurrency} actor(s) x "
-        f"{args.num_cpus_per_actor} CPU, Ray with {args.num_cpus} CPUs"
+        f"{args.num_cpus_per_actor} CPU, Ray with {args.num_cpus} CPUs, precision {args.precision}"
     )
     ray.shutdown()
 
