@@ -25,7 +25,7 @@ from tfa_ray.anomaly import anomaly_map, image_score
 from tfa_ray.config import get_preset
 from tfa_ray.data import discover, load_image, load_mask
 from tfa_ray.evaluation import evaluate_model
-from tfa_ray.metrics import evaluate
+from tfa_ray.metrics import aupro, evaluate, image_auroc, pixel_auroc
 from tfa_ray.package import TFAModel, save_model
 from tfa_ray.training import fit
 
@@ -106,6 +106,32 @@ def inference_ablation(result, data, base: dict, name: str) -> list[dict]:
     return rows
 
 
+def per_defect(result, data) -> None:
+    """Each defect type against the normal test images, as trained: where the misses are."""
+    model = TFAModel(result.detector, result.preset, result.calibration)
+    size = model.image_size
+    types = np.array([s.defect_type for s in data.test])
+    maps, scores = [], []
+    for i in range(0, len(data.test), 16):
+        m, sc = model.predict(
+            torch.stack([load_image(s.path, size) for s in data.test[i : i + 16]])
+        )
+        maps.append(m.numpy())
+        scores.append(sc.numpy())
+    maps, scores = np.concatenate(maps), np.concatenate(scores)
+    masks = np.stack([load_mask(s, size).numpy() > 0.5 for s in data.test])
+    good = types == "good"
+    print(f"\n{'defect':<12} {'images':>6} {'area':>6} {'image':>6} {'pixel':>6} {'AUPRO':>6}")
+    for kind in sorted(set(types) - {"good"}):
+        sel = good | (types == kind)
+        print(
+            f"{kind:<12} {int((types == kind).sum()):>6} {masks[types == kind].mean():>6.3f} "
+            f"{image_auroc((~good[sel]).astype(int), scores[sel]):>6.3f} "
+            f"{pixel_auroc(masks[sel], maps[sel]):>6.3f} {aupro(masks[sel], maps[sel]):>6.3f}"
+        )
+    print("(each defect type with the normal test images; area: mean defect fraction)\n")
+
+
 def run_variant(name: str, data, args) -> list[dict]:
     desc, overrides = VARIANTS[name]
     overrides = dict(overrides)
@@ -142,6 +168,8 @@ def run_variant(name: str, data, args) -> list[dict]:
             **ev.metrics,
         }
     ]
+    if args.per_defect:
+        per_defect(result, data)
     if args.inference_ablation:
         rows += inference_ablation(result, data, base, name)
     return rows
@@ -180,6 +208,7 @@ def main() -> None:
         action="store_true",
         help="also evaluate other test passes / score kinds on the same weights",
     )
+    p.add_argument("--per-defect", action="store_true", help="print metrics per defect type")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--save", help="write each variant's model package to SAVE/<variant>")
     args = p.parse_args()

@@ -24,6 +24,7 @@ The S3 run starts moto's server on 127.0.0.1 (nothing leaves the machine).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -77,6 +78,10 @@ def make_model(path: str, preset_name: str) -> str:
     if os.path.exists(os.path.join(path, "meta.json")):
         return path
     preset = get_preset(preset_name)
+    if preset.anomaly.score == "auto":  # a trained package holds the kind training selected
+        preset = dataclasses.replace(
+            preset, anomaly=dataclasses.replace(preset.anomaly, score="topk")
+        )
     torch.manual_seed(0)
     size = preset.model.image_size
     det = Detector(preset.model, torch.rand(3, size, size)).eval()

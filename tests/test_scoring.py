@@ -360,3 +360,32 @@ def test_models_come_from_the_mlflow_registry(ray_cluster, tiny_model_dir, tmp_p
         assert (rows[p]["model_name"], rows[p]["model_version"]) == ("tfa-texture", mv.version)
     cable = next(r for r in rows.values() if r["category"] == "cable")
     assert cable["status"] == "error" and "tfa-cable@champion" in cable["error"]
+
+    # A run pins the versions it was planned with: a promotion between a crash and the rerun
+    # must not mix two models in one run. Simulate the crash by removing the texture shard.
+    mv2 = registry.log_training(
+        tiny_model_dir, "texture", params={"preset": "test-tiny"}, history=[], uri=uri
+    )
+    registry.promote("texture", mv2.version, uri=uri)
+    assert mv2.version != mv.version
+    out_dir = Path(summary.run_dir)
+    (out_dir / "_SUCCESS").unlink()
+    for f in (out_dir / "category=texture").glob("*.parquet"):
+        f.unlink()
+    rerun = scoring.score(
+        scoring.ScoreConfig(input=str(root), output=str(tmp_path / "out"), run_id="reg"),
+        scoring.RegistryResolver(uri),
+        echo=lambda _m: None,
+    )
+    assert rerun.shards_skipped == 1  # the cable shard was kept
+    rows = {r["path"]: r for r in scoring.read_results(rerun.run_dir).to_pylist()}
+    assert len(rows) == 4
+    for p in paths:
+        assert (rows[p]["status"], rows[p]["model_version"]) == ("ok", mv.version)
+    fresh = scoring.score(
+        scoring.ScoreConfig(input=str(root), output=str(tmp_path / "out"), run_id="new"),
+        scoring.RegistryResolver(uri),
+        echo=lambda _m: None,
+    )
+    rows = {r["path"]: r for r in scoring.read_results(fresh.run_dir).to_pylist()}
+    assert {rows[p]["model_version"] for p in paths} == {mv2.version}

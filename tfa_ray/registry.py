@@ -524,17 +524,24 @@ def download_version(name: str, version: int, uri: str | None = None) -> str:
 
 
 def resolve_model(
-    category: str, alias: str = CHAMPION, prefix: str = DEFAULT_PREFIX, uri: str | None = None
+    category: str,
+    alias: str = CHAMPION,
+    prefix: str = DEFAULT_PREFIX,
+    uri: str | None = None,
+    version: int | None = None,
 ) -> tuple[str, int, str]:
-    """(registered model name, version, local package directory) of ``<prefix><category>@alias``.
+    """(registered model name, version, local package directory) of ``<prefix><category>@alias``,
+    or of that exact ``version`` when one is given (a scoring run pins what it planned with).
 
-    Raises ``LookupError`` when the model or the alias does not exist. The alias is looked up
-    on every call (one registry request, so promotions are seen at once); the download is
-    cached per name + version (see :func:`download_version`)."""
+    Raises ``LookupError`` when the model, the alias or the version does not exist. The alias
+    is looked up on every call (one registry request, so promotions are seen at once); the
+    download is cached per name + version (see :func:`download_version`)."""
     c = client(uri)
     name = model_name(category, prefix)
-    mv = _version_for_alias(c, name, alias)
-    version = int(mv.version)
+    if version is None:
+        version = int(_version_for_alias(c, name, alias).version)
+    else:
+        version = int(_get_version(c, name, int(version)).version)
     return name, version, download_version(name, version, uri)
 
 

@@ -69,7 +69,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Resolver = Callable[[str, str], tuple[str, int, str]]
+# (category, alias, version=None) -> (registered name, version, package URL). With a version,
+# that version is returned whatever the alias says now: a run pins the versions it planned with.
+Resolver = Callable[..., tuple[str, int, str]]
 
 MANIFEST_SUFFIXES = (".txt", ".lst", ".list", ".manifest", ".csv", ".parquet")
 PLAN_FILE = "_plan.json"
@@ -164,17 +166,20 @@ class LocalResolver:
         self.packages = dict(packages)
         self.prefix = prefix
 
-    def __call__(self, category: str, alias: str = "champion") -> tuple[str, int, str]:
+    def __call__(
+        self, category: str, alias: str = "champion", version: int | None = None
+    ) -> tuple[str, int, str]:
         if category not in self.packages:
             raise LookupError(f"no model {self.prefix}{category}@{alias}")
         url = self.packages[category]
-        version = 1
         try:
             meta = json.loads(storage.read_bytes(storage.join(url, "meta.json")))
-            version = int(meta.get("version", 1))
+            found = int(meta.get("version", 1))
         except (OSError, ValueError):
-            pass
-        return f"{self.prefix}{category}", version, url
+            found = 1
+        if version is not None and version != found:
+            raise LookupError(f"{url} holds version {found} of {category!r}, not {version}")
+        return f"{self.prefix}{category}", found, url
 
 
 def _absolute_tracking_uri(uri: str) -> str:
@@ -195,7 +200,9 @@ class RegistryResolver:
         # the driver's model cache setting travels with the resolver (workers' env is older)
         self.cache_dir = os.environ.get("TFA_RAY_MODEL_CACHE")
 
-    def __call__(self, category: str, alias: str = "champion") -> tuple[str, int, str]:
+    def __call__(
+        self, category: str, alias: str = "champion", version: int | None = None
+    ) -> tuple[str, int, str]:
         import mlflow
 
         from tfa_ray.registry import resolve_model  # lazily: registry pulls in MLflow
@@ -203,7 +210,7 @@ class RegistryResolver:
         if self.cache_dir:
             os.environ["TFA_RAY_MODEL_CACHE"] = self.cache_dir
         mlflow.set_tracking_uri(self.tracking_uri)
-        return resolve_model(category, alias, self.prefix, uri=self.tracking_uri)
+        return resolve_model(category, alias, self.prefix, uri=self.tracking_uri, version=version)
 
 
 # --------------------------------------------------------------------------------------
@@ -499,6 +506,7 @@ class ShardScorer:
         num_threads: int | None = None,
         kill_once_marker: str | None = None,
         precision: str = "auto",
+        pinned: dict[str, int] | None = None,
     ):
         import torch
 
@@ -511,6 +519,7 @@ class ShardScorer:
             torch.set_num_threads(int(num_threads))
         self.kill_once_marker = kill_once_marker
         self.precision = precision
+        self.pinned = dict(pinned or {})  # category -> the version the run's plan resolved
         self.models: dict[str, Any] = {}  # category -> (name, version, TFAModel) or Exception
 
     def _model(self, category: str):
@@ -518,7 +527,9 @@ class ShardScorer:
             from tfa_ray.package import load_model
 
             try:
-                name, version, url = self.resolver(category, self.alias)
+                name, version, url = self.resolver(
+                    category, self.alias, version=self.pinned.get(category)
+                )
                 model = load_model(url, device=self.device)
                 model.precision = self.precision
                 with self.torch.no_grad():
@@ -766,6 +777,7 @@ def _run_pipeline(
             "num_threads": max(1, int(round(cfg.num_cpus_per_actor))),
             "kill_once_marker": os.environ.get(ENV_KILL_SCORER_ONCE) or None,
             "precision": cfg.precision,
+            "pinned": {c: m["version"] for c, m in plan["models"].items() if "version" in m},
         },
     )
     ds = ds.map_batches(
