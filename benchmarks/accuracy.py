@@ -67,6 +67,11 @@ REFERENCE = [
 ]
 
 
+def pass_label(passes: int, layout: str) -> str:
+    """Test-time masking in one word: 0 (off), 4 (4 lattice passes), b16 (16 blocks)."""
+    return f"b{passes}" if passes and layout == "blocks" else str(passes)
+
+
 def inference_ablation(result, data, base: dict, name: str) -> list[dict]:
     """The same weights with every (test passes, score kind) pair; test features once."""
     trained, det = result.preset, result.detector.eval()
@@ -77,8 +82,11 @@ def inference_ablation(result, data, base: dict, name: str) -> list[dict]:
     with torch.no_grad():
         phi = torch.cat([det.features(images[i : i + 32]) for i in range(0, len(images), 32)])
     rows = []
-    for passes in (0, 4):
-        det.cfg = dataclasses.replace(trained.model, test_mask_passes=passes)
+    as_trained = pass_label(trained.model.test_mask_passes, trained.model.test_mask_layout)
+    for passes, layout in ((0, "lattice"), (4, "lattice"), (4, "blocks"), (16, "blocks")):
+        det.cfg = dataclasses.replace(
+            trained.model, test_mask_passes=passes, test_mask_layout=layout
+        )
         with torch.no_grad():
             maps = torch.cat(
                 [
@@ -89,7 +97,8 @@ def inference_ablation(result, data, base: dict, name: str) -> list[dict]:
                 ]
             )
         for kind in ("std", "topk", "max"):
-            if passes == trained.model.test_mask_passes and kind == trained.anomaly.score:
+            label = pass_label(passes, layout)
+            if label == as_trained and kind == trained.anomaly.score:
                 continue  # that is the as-trained row
             scores = image_score(maps, dataclasses.replace(trained.anomaly, score=kind))
             rows.append(
@@ -97,7 +106,7 @@ def inference_ablation(result, data, base: dict, name: str) -> list[dict]:
                     **base,
                     "variant": f"  {name}",
                     "score_kind": kind,
-                    "passes": passes,
+                    "passes": label,
                     "description": "same weights, other inference",
                     **evaluate(labels, scores.numpy(), masks, maps.numpy()),
                 }
@@ -163,7 +172,9 @@ def run_variant(name: str, data, args) -> list[dict]:
             "variant": name,
             "description": desc,
             "score_kind": result.preset.anomaly.score,
-            "passes": result.preset.model.test_mask_passes,
+            "passes": pass_label(
+                result.preset.model.test_mask_passes, result.preset.model.test_mask_layout
+            ),
             "eval_s": ev.seconds,
             **ev.metrics,
         }

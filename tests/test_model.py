@@ -128,6 +128,31 @@ def test_complementary_masking_never_uses_a_positions_own_input_token():
     assert sorted(groups.flatten().tolist()) == list(range(net.num_tokens))
 
 
+def test_block_masking_never_uses_the_positions_own_block():
+    """A large anomaly (a whole 4 x 4-token block changed) does not reach its own
+    reconstruction with the blocks layout; with the lattice layout its own neighbours do."""
+    torch.manual_seed(0)
+    net = tiny_net().eval()  # 8 x 8 tokens; 4 passes = four 4 x 4-token blocks
+    K = net.cfg.patch_size
+    phi = torch.randn(1, 12, 16, 16)
+    e_t = net.embed(torch.randn(1, 12, 16, 16))
+    changed = phi.clone()
+    changed[:, :, : 4 * K, : 4 * K] += 10.0  # the top-left block
+    region = (slice(None), slice(None), slice(0, 4 * K), slice(0, 4 * K))
+    with torch.no_grad():
+        a = net.forward_complementary(phi, e_t, passes=4, layout="blocks")
+        b = net.forward_complementary(changed, e_t, passes=4, layout="blocks")
+        la = net.forward_complementary(phi, e_t, passes=4, layout="lattice")
+        lb = net.forward_complementary(changed, e_t, passes=4, layout="lattice")
+    assert torch.allclose(a[region], b[region], atol=1e-5)
+    assert not torch.allclose(a, b)  # the other blocks do see it
+    assert not torch.allclose(la[region], lb[region])
+    blocks = net.token_groups(4, "blocks")
+    assert blocks[0].tolist() == [r * 8 + c for r in range(4) for c in range(4)]
+    with pytest.raises(ValueError, match="layout"):
+        net.token_groups(4, "stripes")
+
+
 def test_feature_pool_averages_each_neighbourhood():
     preset = get_preset("test-tiny")
     img = torch.rand(1, 3, 64, 64)

@@ -35,7 +35,11 @@ def synth_root(tmp_path_factory):
 def trained(synth_root):
     data = discover(synth_root, "texture")
     preset = get_preset(
-        "test-tiny", train__epochs=3, anomaly__score="auto", train__try_test_mask_passes=(4,)
+        "test-tiny",
+        train__epochs=3,
+        anomaly__score="auto",
+        train__try_test_mask_passes=(4,),
+        train__try_test_mask_blocks=(4,),
     )
     from tfa_ray.training import fit
 
@@ -68,6 +72,7 @@ def test_fit_trains_selects_on_normal_images_and_calibrates(trained):
     assert best == max(e["selection"] for e in result.history) == result.selection_score
     assert result.preset.anomaly.score in ("std", "max", "topk")  # "auto" resolved
     assert result.preset.model.test_mask_passes in (0, 4)
+    assert result.preset.model.test_mask_layout in ("lattice", "blocks")
     assert result.detector.cfg == result.preset.model
     assert result.num_val >= 1 and result.num_train + result.num_val == len(data.train)
     cal = result.calibration

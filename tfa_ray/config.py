@@ -51,6 +51,10 @@ class ModelConfig:
     # Inference: 0 = the paper (all input tokens visible); P > 1 = P complementary passes,
     # each position reconstructed only from the passes in which it is hidden.
     test_mask_passes: int = 0
+    # "lattice": each pass sees one of P scattered token groups (like the random training
+    # masks); "blocks": each pass hides one of P contiguous square blocks and sees the rest, so
+    # a large anomaly cannot be filled in from its own, equally anomalous, neighbours.
+    test_mask_layout: str = "lattice"
     # Per-channel standardisation of the fused features with statistics of the training
     # set: keeps low-magnitude channels from vanishing in the Euclidean terms.
     standardize_features: bool = False
@@ -89,6 +93,7 @@ class TrainConfig:
     # After training, also try these test-time mask passes (model.test_mask_passes) on the
     # held-out selection set and keep the best; () = keep the configured one.
     try_test_mask_passes: tuple[int, ...] = ()
+    try_test_mask_blocks: tuple[int, ...] = ()  # the same for the "blocks" layout
     # Fraction of training inputs that carry a pasted synthetic defect while the target stays
     # the clean features: teaches the net to put normal appearance back instead of copying
     # whatever it sees (0 = the paper: plain reconstruction of normal images).
@@ -135,7 +140,12 @@ PRESETS: dict[str, Preset] = {
         ),
         anomaly=AnomalyConfig(score="auto"),
         train=TrainConfig(
-            epochs=60, batch_size=4, lr=1e-3, time_budget_s=720.0, try_test_mask_passes=(4,)
+            epochs=60,
+            batch_size=4,
+            lr=1e-3,
+            time_budget_s=720.0,
+            try_test_mask_passes=(4,),
+            try_test_mask_blocks=(16,),
         ),
     ),
     # For tests: tiny images and transformer, seconds per epoch.

@@ -154,35 +154,44 @@ class TFANet(nn.Module):
             e = block(e)
         return self.unpatchify(self.inverse_proj(self.norm(e)))
 
-    def token_groups(self, passes: int) -> torch.Tensor:
-        """(passes, N / passes) token indices: an s x s lattice split (s^2 = passes), so each
-        pass sees a regular, scattered subset like the random training masks."""
+    def token_groups(self, passes: int, layout: str = "lattice") -> torch.Tensor:
+        """(passes, N / passes) token indices, s^2 = passes groups: an s x s lattice split
+        (regular, scattered subsets) or s x s contiguous square blocks."""
         s = math.isqrt(passes)
         if s * s != passes or self.grid % s:
             raise ValueError(f"test_mask_passes must be a square dividing the grid, got {passes}")
         ys, xs = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
-        group = ((ys % s) * s + xs % s).flatten()
+        if layout == "lattice":
+            group = ((ys % s) * s + xs % s).flatten()
+        elif layout == "blocks":
+            b = self.grid // s
+            group = ((ys // b) * s + xs // b).flatten()
+        else:
+            raise ValueError(f"test_mask_layout must be 'lattice' or 'blocks', got {layout!r}")
         return torch.stack([torch.nonzero(group == g)[:, 0] for g in range(passes)])
 
     def forward_complementary(
-        self, phi: torch.Tensor, e_template: torch.Tensor, passes: int
+        self, phi: torch.Tensor, e_template: torch.Tensor, passes: int, layout: str = "lattice"
     ) -> torch.Tensor:
         """Reconstruct every position only from passes in which its own input token is hidden.
 
         Masked training teaches the net to fill in hidden tokens from context and the template;
         scoring each position from passes that never saw it keeps an anomaly from being
-        reconstructed by copying itself.
+        reconstructed by copying itself. "lattice": pass g sees group g, a position is averaged
+        over the P - 1 passes that hide it; "blocks": pass g hides block g and sees the rest.
         """
-        groups = self.token_groups(passes).to(phi.device)
+        groups = self.token_groups(passes, layout).to(phi.device)
         K = self.cfg.patch_size
         total = torch.zeros_like(phi)
-        for visible in groups:
-            hidden = torch.ones(self.num_tokens, device=phi.device)
-            hidden[visible] = 0.0
-            weight = hidden.view(1, 1, self.grid, self.grid).repeat_interleave(K, 2)
+        for group in groups:
+            in_group = torch.zeros(self.num_tokens, dtype=torch.bool, device=phi.device)
+            in_group[group] = True
+            hidden = in_group if layout == "blocks" else ~in_group
+            weight = hidden.float().view(1, 1, self.grid, self.grid).repeat_interleave(K, 2)
             weight = weight.repeat_interleave(K, 3)
+            visible = torch.nonzero(~hidden)[:, 0]
             total = total + self(phi, e_template, visible=visible) * weight
-        return total / (passes - 1)
+        return total / (1 if layout == "blocks" else passes - 1)
 
 
 class Detector(nn.Module):
@@ -251,7 +260,9 @@ class Detector(nn.Module):
         """phi_hat(I) from already computed features (training uses cached features)."""
         passes = self.cfg.test_mask_passes
         if not self.training and passes > 1:
-            return self.net.forward_complementary(phi, self.template_embedding(), passes)
+            return self.net.forward_complementary(
+                phi, self.template_embedding(), passes, self.cfg.test_mask_layout
+            )
         return self.net(phi, self.template_embedding(), mask_ratio)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -448,13 +448,15 @@ def fit(
     preset = dataclasses.replace(
         preset, anomaly=dataclasses.replace(preset.anomaly, score=best["kind"])
     )
-    for passes in tcfg.try_test_mask_passes:
-        if passes == preset.model.test_mask_passes:
+    trials = [(p, "lattice") for p in tcfg.try_test_mask_passes]
+    trials += [(p, "blocks") for p in tcfg.try_test_mask_blocks]
+    for passes, layout in trials:
+        if (passes, layout) == (preset.model.test_mask_passes, preset.model.test_mask_layout):
             continue
-        trial = dataclasses.replace(preset.model, test_mask_passes=passes)
+        trial = dataclasses.replace(preset.model, test_mask_passes=passes, test_mask_layout=layout)
         detector.cfg = trial
         sel, parts, _ = validate(detector, val, val_normal_phi, val_anom_phi, preset, device)
-        echo(f"[{data.category}] test-time mask passes {passes}: selection {sel:.4f}")
+        echo(f"[{data.category}] test-time mask passes {passes} ({layout}): selection {sel:.4f}")
         if sel > best["score"]:
             best.update(score=sel, kind=parts["score_kind"])
             preset = dataclasses.replace(
