@@ -69,7 +69,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_model(path: str, preset_name: str) -> str:
+def make_model(path: str, preset_name: str, passes: int = 0, layout: str = "lattice") -> str:
     from tfa_ray.anomaly import Calibration
     from tfa_ray.config import get_preset
     from tfa_ray.model import Detector
@@ -82,6 +82,10 @@ def make_model(path: str, preset_name: str) -> str:
         preset = dataclasses.replace(
             preset, anomaly=dataclasses.replace(preset.anomaly, score="topk")
         )
+    preset = dataclasses.replace(
+        preset,
+        model=dataclasses.replace(preset.model, test_mask_passes=passes, test_mask_layout=layout),
+    )
     torch.manual_seed(0)
     size = preset.model.image_size
     det = Detector(preset.model, torch.rand(3, size, size)).eval()
@@ -130,6 +134,11 @@ def main() -> None:
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tfa-bench-scoring"))
     p.add_argument("--no-s3", action="store_true")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument(
+        "--test-mask",
+        default="0",
+        help="test-time masking of the model: 0 (off), 4 (4 lattice passes), b16 (16 blocks)",
+    )
     args = p.parse_args()
 
     import ray
@@ -141,7 +150,14 @@ def main() -> None:
     root = os.path.join(args.workdir, f"archive-{args.num_images}")
     paths = make_archive(root, args.num_images)
     print(f"archive: {len(paths)} images in {root} ({time.perf_counter() - t:.0f}s to prepare)")
-    model_dir = make_model(os.path.join(args.workdir, f"model-{args.preset}"), args.preset)
+    passes = int(args.test_mask.lstrip("b"))
+    layout = "blocks" if args.test_mask.startswith("b") else "lattice"
+    model_dir = make_model(
+        os.path.join(args.workdir, f"model-{args.preset}-{args.test_mask}"),
+        args.preset,
+        passes,
+        layout,
+    )
     resolver = scoring.LocalResolver({"texture": model_dir})
     threads = max(1, int(round(args.num_cpus_per_actor)))
 
@@ -210,7 +226,8 @@ def main() -> None:
     print(
         f"\n{len(paths)} images 256-1024 px (PNG/JPEG), preset {args.preset}, batch "
         f"{args.batch_size}, shard {args.shard_size}, {args.concurrency} actor(s) x "
-        f"{args.num_cpus_per_actor} CPU, Ray with {args.num_cpus} CPUs, precision {args.precision}"
+        f"{args.num_cpus_per_actor} CPU, Ray with {args.num_cpus} CPUs, "
+        f"precision {args.precision}, test-time masking {args.test_mask}"
     )
     ray.shutdown()
 
