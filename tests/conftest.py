@@ -32,6 +32,21 @@ def s3_server() -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> Iterator[str]:
+    """Dummy credentials and ``AWS_ENDPOINT_URL`` pointing at the moto server for one test;
+    the filesystem cache is cleared around it so no client keeps another test's settings."""
+    from tfa_ray import storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    storage.clear_cache()
+    yield s3_server
+    storage.clear_cache()
+
+
 def _start_ray() -> None:
     import os
 

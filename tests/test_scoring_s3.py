@@ -9,22 +9,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from tfa_ray import scoring, storage
 from tfa_ray.synth import make_image
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    storage.clear_cache()
-    yield s3_server
-    storage.clear_cache()
 
 
 def _png(arr: np.ndarray) -> bytes:

@@ -13,17 +13,6 @@ from tfa_ray.config import get_preset, preset_to_json
 from tfa_ray.synth import make_dataset
 
 
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    storage.clear_cache()
-    yield s3_server
-    storage.clear_cache()
-
-
 def _upload(local_root: str, url: str) -> int:
     count = 0
     for dirpath, _, files in os.walk(local_root):

@@ -576,7 +576,7 @@ class ShardScorer:
                 out_maps, scores = [], []
                 for i in range(0, len(images), self.batch_size):
                     x = self.torch.from_numpy(images[i : i + self.batch_size]).float().div_(255.0)
-                    if x.shape[-1] != model.image_size:  # alias moved to a model of another size
+                    if x.shape[-1] != model.image_size:  # package overwritten in place
                         x = self.torch.nn.functional.interpolate(
                             x, size=(model.image_size,) * 2, mode="bilinear", antialias=True
                         )
