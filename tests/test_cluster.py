@@ -287,7 +287,7 @@ def _schema_errors(doc) -> list[str]:
 
 
 def _pod_specs(doc):
-    """(where, pod spec) for every pod template in a manifest."""
+    """The pod spec of every pod template in a manifest."""
     for template in _find(doc.get("spec", {}), "template"):
         if isinstance(template, dict) and "containers" in template.get("spec", {}):
             yield template["spec"]
@@ -565,6 +565,28 @@ def test_image_checks_catch_a_mismatch(where, old, new, expected):
     launcher = yaml.safe_load(texts["ray-up-aws.yaml"])
     problems = _image_problems(docs, launcher, texts["Dockerfile"])
     assert any(expected in p for p in problems), problems
+
+
+def _dockerfile_problems(dockerfile: str) -> list[str]:
+    problems = []
+    for line in dockerfile.splitlines():
+        if m := re.match(r"COPY\s+(.+)\s+\S+$", line):
+            for src in m.group(1).split():
+                if src in (".", "./", "*"):  # the whole checkout: data, runs, .git
+                    problems.append(f"Dockerfile: {line!r} copies the whole checkout")
+                elif not (ROOT / src).exists():
+                    problems.append(f"Dockerfile: {line!r} copies {src}, which does not exist")
+    if not re.search(r"^RUN .*pip install \.", dockerfile, re.M):
+        problems.append("Dockerfile: the package itself is not installed")
+    return problems
+
+
+def test_dockerfile_copies_only_what_exists():
+    assert _dockerfile_problems(_dockerfile()) == []
+    broken = _dockerfile().replace("COPY jobs ./jobs", "COPY . ./")
+    assert any("whole checkout" in p for p in _dockerfile_problems(broken))
+    broken = _dockerfile().replace("COPY jobs ./jobs", "COPY job ./jobs")
+    assert any("job, which does not exist" in p for p in _dockerfile_problems(broken))
 
 
 # --------------------------------------------------------------------------- MLflow server
