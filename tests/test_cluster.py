@@ -24,6 +24,7 @@ import re
 import shlex
 import subprocess
 import sys
+from unittest import mock
 from urllib.parse import urlsplit
 
 import pytest
@@ -597,8 +598,11 @@ def _mlflow_server_context(deployment: dict):
 
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["mlflow", "server"]
-    # MLflow's own click command: an unknown or misspelt option raises here.
-    ctx = server.make_context("mlflow server", list(container["args"]))
+    # MLflow's own click command: an unknown or misspelt option raises here. Its options also
+    # read MLFLOW_* variables: only the manifest may decide, not this machine's environment.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    with mock.patch.dict(os.environ, clean, clear=True):
+        ctx = server.make_context("mlflow server", list(container["args"]))
     return container, ctx
 
 
