@@ -27,12 +27,11 @@ import sys
 from unittest import mock
 from urllib.parse import urlsplit
 
+import jsonschema  # a dependency of ray itself, which also validates with it
 import pytest
 import yaml
 
 from tfa_ray.cli import build_parser
-
-jsonschema = pytest.importorskip("jsonschema", reason="jsonschema validates the manifests")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER_DIR = ROOT / "cluster"
