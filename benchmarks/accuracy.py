@@ -1,14 +1,15 @@
-"""Accuracy on a real category: train each variant, evaluate on the test split, print a table.
+"""Accuracy on a real category: train each variant, evaluate on the test split, print one table
+with the same-feature baselines computed in the same run.
 
-Every variant is the CPU preset with a few overrides. Selection and thresholds come from
-held-out *normal training* images (with synthetic anomalies pasted in); the test split is
-read only for the final evaluation. The ``val`` column is that selection score, the only
-number a variant may be chosen by. With ``--inference-ablation`` each trained model is also
-evaluated with the inference-only alternatives (test-time complementary masking on / off,
-each image score kind) on the same weights.
+Every variant is the ``cpu-small`` preset with a few overrides (an ablation row each). Selection,
+fusion weights and thresholds come from held-out *normal training* images (with synthetic
+anomalies pasted in); the test split is read only for the final evaluation. The ``val`` column
+is the selection score, the only number a variant may be chosen by. Each trained model also
+gets rows for each evidence alone on the same weights (``rec``: the reconstruction map,
+``gauss``: the per-position Gaussian), so the table shows what the reconstruction adds.
 
     python benchmarks/accuracy.py --data ../shared/data --category magnetic_tile
-    python benchmarks/accuracy.py --variants paper-mask0,mask75,final --time-budget 300
+    python benchmarks/accuracy.py --variants final,T1,no-noise --time-budget 300 --json out.json
 """
 
 from __future__ import annotations
@@ -18,53 +19,87 @@ import dataclasses
 import json
 import time
 
-import numpy as np
 import torch
+from baselines import BATCH, baseline_rows, per_defect, test_split
 
-from tfa_ray.anomaly import anomaly_map, image_score
+from tfa_ray.anomaly import image_score
 from tfa_ray.config import get_preset
-from tfa_ray.data import discover, load_image, load_mask
-from tfa_ray.evaluation import evaluate_model
-from tfa_ray.metrics import aupro, evaluate, image_auroc, pixel_auroc
-from tfa_ray.package import TFAModel, save_model
+from tfa_ray.data import discover, load_image
+from tfa_ray.metrics import evaluate
+from tfa_ray.package import save_model
 from tfa_ray.training import fit
 
-# name -> (description, preset overrides on top of cpu-small)
+# name -> (description, overrides on top of cpu-small)
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "paper-mask0": (
-        "no masking, paper inference, std score, no pooling",
+    "final": ("cpu-small as shipped", {}),
+    "T1": ("one template (the paper's) instead of a bank of 8", {"model__num_templates": 1}),
+    "no-noise": ("no noisy bottleneck (input dropout 0)", {"model__input_dropout": 0.0}),
+    "dual": ("complementary (dual) masks in training", {"model__mask_mode": "dual"}),
+    "linear": ("linear attention in TFAM", {"model__tfam_attention": "linear"}),
+    "hard": ("hard-mined loss (easiest 90 % x 0.1)", {"anomaly__hard_mining": 0.9}),
+    "small-synth": (
+        "selection with small synthetic defects only",
+        {"train__synthetic_large": False},
+    ),
+    "v1": (
+        "the previous cpu-small: taps 1/2/4 @ 64, K=8, one template, no noise, no Gaussian",
         {
-            "model__mask_ratio": 0.0,
-            "model__test_mask_passes": 0,
-            "anomaly__score": "std",
-            "model__feature_pool": 1,
+            "model__backbone": dataclasses.replace(
+                get_preset("cpu-small").model.backbone, taps=("blocks.1", "blocks.2", "blocks.4")
+            ),
+            "model__feature_size": 64,
+            "model__patch_size": 8,
+            "model__num_templates": 1,
+            "model__input_dropout": 0.0,
+            "model__gaussian_size": 0,
+            "train__epochs": 60,
         },
     ),
-    "mask75": (
-        "mask 75 %, paper inference, std score, no pooling",
-        {
-            "model__mask_ratio": 0.75,
-            "model__test_mask_passes": 0,
-            "anomaly__score": "std",
-            "model__feature_pool": 1,
-        },
-    ),
-    "k4-b16": ("K=4, batch 16", {"model__patch_size": 4, "train__batch_size": 16}),
-    "k4-b4": ("K=4, batch 4 (the paper's batch)", {"model__patch_size": 4, "train__batch_size": 4}),
-    "k8-b4": ("K=8, batch 4", {"model__patch_size": 8, "train__batch_size": 4}),
-    "pool3": ("the shipped preset with 3x3 feature pooling", {"model__feature_pool": 3}),
-    "k8-b4-dn50": (
-        "K=8, batch 4, half the inputs with a pasted defect, clean target",
-        {"model__patch_size": 8, "train__batch_size": 4, "train__denoise_fraction": 0.5},
-    ),
-    "final": ("the cpu-small preset as shipped", {}),
 }
 
-# Baselines measured on this machine with the same Lite0 features (from the issue).
-REFERENCE = [
-    ("PatchCore-style kNN (Lite0 2/4/10 @64)", 0.894, 0.795, 0.727),
-    ("PaDiM-style Gaussian (Lite0 2/4/10 @64)", 0.937, 0.752, 0.744),
-]
+
+def evidence_rows(result, data, base: dict, name: str, focus: str) -> list[dict]:
+    """The trained model as selected, and each evidence alone on the same weights."""
+    preset, det = result.preset, result.detector.eval()
+    size = preset.model.image_size
+    labels, types, masks = test_split(data, size)
+    maps: dict[str, list[torch.Tensor]] = {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(data.test), BATCH):
+            images = torch.stack([load_image(s.path, size) for s in data.test[i : i + BATCH]])
+            for kind, m in det.evidence(det.features(images), preset.anomaly).items():
+                maps.setdefault(kind, []).append(m)
+    evidence = {k: torch.cat(v) for k, v in maps.items()}
+    eval_s = time.perf_counter() - t0
+    w = preset.anomaly.w_reconstruction
+    weights = {"selected": w}
+    if "gaussian" in evidence:
+        weights.update({"rec alone": 1.0, "gauss alone": 0.0})
+    rows = []
+    for label, weight in weights.items():
+        if label != "selected" and weight == w:
+            continue
+        cfg = dataclasses.replace(preset.anomaly, w_reconstruction=weight)
+        fused = det.fuse(evidence, cfg)
+        scores = image_score(fused, cfg).numpy()
+        fused = fused.numpy()
+        defects = per_defect(types, labels, scores, masks, fused)
+        rows.append(
+            {
+                **base,
+                "variant": name if label == "selected" else f"  {name}",
+                "evidence": label,
+                "w_rec": weight,
+                "score_kind": cfg.score,
+                "passes": pass_label(preset.model.test_mask_passes, preset.model.test_mask_layout),
+                "eval_s": eval_s,
+                **evaluate(labels, scores, masks, fused),
+                "focus": defects.get(focus, {}),
+                "per_defect": defects,
+            }
+        )
+    return rows
 
 
 def pass_label(passes: int, layout: str) -> str:
@@ -72,82 +107,11 @@ def pass_label(passes: int, layout: str) -> str:
     return f"b{passes}" if passes and layout == "blocks" else str(passes)
 
 
-def inference_ablation(result, data, base: dict, name: str) -> list[dict]:
-    """The same weights with every (test passes, score kind) pair; test features once."""
-    trained, det = result.preset, result.detector.eval()
-    size = trained.model.image_size
-    images = torch.stack([load_image(s.path, size) for s in data.test])
-    masks = torch.stack([load_mask(s, size) > 0.5 for s in data.test]).numpy()
-    labels = np.array([s.label for s in data.test])
-    with torch.no_grad():
-        phi = torch.cat([det.features(images[i : i + 32]) for i in range(0, len(images), 32)])
-    rows = []
-    as_trained = pass_label(trained.model.test_mask_passes, trained.model.test_mask_layout)
-    for passes, layout in ((0, "lattice"), (4, "lattice"), (4, "blocks"), (16, "blocks")):
-        det.cfg = dataclasses.replace(
-            trained.model, test_mask_passes=passes, test_mask_layout=layout
-        )
-        with torch.no_grad():
-            maps = torch.cat(
-                [
-                    anomaly_map(
-                        phi[i : i + 32], det.reconstruct(phi[i : i + 32]), size, trained.anomaly
-                    )
-                    for i in range(0, len(phi), 32)
-                ]
-            )
-        for kind in ("std", "topk", "max"):
-            label = pass_label(passes, layout)
-            if label == as_trained and kind == trained.anomaly.score:
-                continue  # that is the as-trained row
-            scores = image_score(maps, dataclasses.replace(trained.anomaly, score=kind))
-            rows.append(
-                {
-                    **base,
-                    "variant": f"  {name}",
-                    "score_kind": kind,
-                    "passes": label,
-                    "description": "same weights, other inference",
-                    **evaluate(labels, scores.numpy(), masks, maps.numpy()),
-                }
-            )
-    det.cfg = trained.model
-    return rows
-
-
-def per_defect(result, data) -> None:
-    """Each defect type against the normal test images, as trained: where the misses are."""
-    model = TFAModel(result.detector, result.preset, result.calibration)
-    size = model.image_size
-    types = np.array([s.defect_type for s in data.test])
-    maps, scores = [], []
-    for i in range(0, len(data.test), 16):
-        m, sc = model.predict(
-            torch.stack([load_image(s.path, size) for s in data.test[i : i + 16]])
-        )
-        maps.append(m.numpy())
-        scores.append(sc.numpy())
-    maps, scores = np.concatenate(maps), np.concatenate(scores)
-    masks = np.stack([load_mask(s, size).numpy() > 0.5 for s in data.test])
-    good = types == "good"
-    print(f"\n{'defect':<12} {'images':>6} {'area':>6} {'image':>6} {'pixel':>6} {'AUPRO':>6}")
-    for kind in sorted(set(types) - {"good"}):
-        sel = good | (types == kind)
-        print(
-            f"{kind:<12} {int((types == kind).sum()):>6} {masks[types == kind].mean():>6.3f} "
-            f"{image_auroc((~good[sel]).astype(int), scores[sel]):>6.3f} "
-            f"{pixel_auroc(masks[sel], maps[sel]):>6.3f} {aupro(masks[sel], maps[sel]):>6.3f}"
-        )
-    print("(each defect type with the normal test images; area: mean defect fraction)\n")
-
-
 def run_variant(name: str, data, args) -> list[dict]:
     desc, overrides = VARIANTS[name]
     overrides = dict(overrides)
     if args.time_budget is not None:
         overrides["train__time_budget_s"] = args.time_budget
-    if args.epochs is not None:
-        overrides["train__epochs"] = args.epochs
     preset = get_preset("cpu-small", **overrides)
     t0 = time.perf_counter()
     result = fit(data, preset)
@@ -156,6 +120,7 @@ def run_variant(name: str, data, args) -> list[dict]:
         "epochs": len(result.history),
         "best_epoch": result.best_epoch,
         "val": result.selection_score,
+        "description": desc,
     }
     if args.save:
         save_model(
@@ -165,45 +130,37 @@ def run_variant(name: str, data, args) -> list[dict]:
             result.calibration,
             {"category": data.category, "history": result.history},
         )
-    ev = evaluate_model(TFAModel(result.detector, result.preset, result.calibration), data)
-    rows = [
-        {
-            **base,
-            "variant": name,
-            "description": desc,
-            "score_kind": result.preset.anomaly.score,
-            "passes": pass_label(
-                result.preset.model.test_mask_passes, result.preset.model.test_mask_layout
-            ),
-            "eval_s": ev.seconds,
-            **ev.metrics,
-        }
-    ]
-    if args.per_defect:
-        per_defect(result, data)
-    if args.inference_ablation:
-        rows += inference_ablation(result, data, base, name)
-    return rows
+    return evidence_rows(result, data, base, name, args.focus)
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], focus: str) -> None:
     head = (
-        f"{'variant':<14} {'train':>7} {'ep':>3} {'best':>4} {'score':>5} {'pass':>4} "
-        f"{'val':>6} {'image':>6} {'pixel':>6} {'AUPRO':>6} {'F1max':>6}  description"
+        f"{'variant':<22} {'train':>6} {'ep':>3} {'best':>4} {'evid.':>11} {'w':>4} {'kind':>4} "
+        f"{'pass':>4} {'val':>6} {'image':>6} {'pixel':>6} {'AUPRO':>6} "
+        f"{focus[:6] + '-px':>9} {focus[:6] + '-pro':>10}  description"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
+        train = f"{r['train_s'] / 60:.1f}m"
+        fc = r.get("focus") or (r.get("per_defect") or {}).get(focus, {})
         print(
-            f"{r['variant']:<14} {r['train_s'] / 60:>6.1f}m {r['epochs']:>3} "
-            f"{r['best_epoch']:>4} {r['score_kind']:>5} {r['passes']:>4} {r['val']:>6.3f} "
+            f"{r['variant']:<22} {train:>6} {r.get('epochs', ''):>3} {r.get('best_epoch', ''):>4} "
+            f"{r.get('evidence', ''):>11} {r.get('w_rec', ''):>4} {r.get('score_kind', 'max'):>4} "
+            f"{r.get('passes', ''):>4} {r.get('val', float('nan')):>6.3f} "
             f"{r['image_auroc']:>6.3f} {r['pixel_auroc']:>6.3f} {r['aupro']:>6.3f} "
-            f"{r['f1_max']:>6.3f}  {r['description']}"
+            f"{fc.get('pixel_auroc', float('nan')):>9.3f} {fc.get('aupro', float('nan')):>10.3f}"
+            f"  {r['description']}"
         )
-    for name, img, pix, pro in REFERENCE:
+
+
+def print_per_defect(row: dict) -> None:
+    print(f"\nper defect type, {row['variant'].strip()} ({row.get('evidence', '')}):")
+    print(f"{'defect':<12} {'images':>6} {'area':>6} {'image':>6} {'pixel':>6} {'AUPRO':>6}")
+    for kind, m in row["per_defect"].items():
         print(
-            f"{'(reference)':<14} {'':>7} {'':>3} {'':>4} {'':>5} {'':>4} {'':>6} "
-            f"{img:>6.3f} {pix:>6.3f} {pro:>6.3f} {'':>6}  {name}"
+            f"{kind:<12} {m['images']:>6} {m['area']:>6.3f} {m['image_auroc']:>6.3f} "
+            f"{m['pixel_auroc']:>6.3f} {m['aupro']:>6.3f}"
         )
 
 
@@ -213,25 +170,28 @@ def main() -> None:
     p.add_argument("--category", default="magnetic_tile")
     p.add_argument("--variants", default="final", help=f"comma list of {sorted(VARIANTS)}")
     p.add_argument("--time-budget", type=float, help="override the preset's training budget (s)")
-    p.add_argument("--epochs", type=int, help="override the preset's epoch count")
-    p.add_argument(
-        "--inference-ablation",
-        action="store_true",
-        help="also evaluate other test passes / score kinds on the same weights",
-    )
-    p.add_argument("--per-defect", action="store_true", help="print metrics per defect type")
+    p.add_argument("--no-baselines", action="store_true", help="skip the PaDiM / PatchCore rows")
+    p.add_argument("--focus", default="uneven", help="defect type with its own columns")
+    p.add_argument("--per-defect", action="store_true", help="per-defect tables, selected rows")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--save", help="write each variant's model package to SAVE/<variant>")
     args = p.parse_args()
 
     data = discover(args.data, args.category)
     rows: list[dict] = []
+    if not args.no_baselines:
+        rows += baseline_rows(data, get_preset("cpu-small"))
     for name in args.variants.split(","):
         rows += run_variant(name, data, args)
-        print_table(rows)
+        print_table(rows, args.focus)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
+                json.dump(rows, f, indent=2, default=float)
+    if args.per_defect:
+        for r in rows:
+            if r.get("evidence", "selected") == "selected":
+                print_per_defect(r)
+    print(f"\n{data.category}: {len(data.test)} test images; image score of the baselines: max")
 
 
 if __name__ == "__main__":

@@ -29,13 +29,38 @@ def cosine_term(phi: torch.Tensor, phi_hat: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(phi, phi_hat, dim=1, eps=1e-6)
 
 
+def hard_mined_mean(term: torch.Tensor, easy_fraction: float, easy_weight: float = 0.1):
+    """Mean of a per-pixel loss whose easiest ``easy_fraction`` of points count ``easy_weight``
+    times (Dinomaly's hard mining: the net stops polishing what it already reconstructs well,
+    including, by then, anomalies it could learn to copy). 0 = the plain mean."""
+    if easy_fraction <= 0:
+        return term.mean()
+    flat = term.flatten()
+    k = max(1, int(flat.numel() * easy_fraction))
+    cut = flat.detach().kthvalue(k).values
+    weight = torch.where(flat.detach() <= cut, easy_weight, 1.0)
+    return (flat * weight).sum() / weight.sum()
+
+
 def reconstruction_loss(
-    phi: torch.Tensor, phi_hat: torch.Tensor, cfg: AnomalyConfig
+    phi: torch.Tensor,
+    phi_hat: torch.Tensor,
+    cfg: AnomalyConfig,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_rec = w_euc * L_euc + w_cos * L_cos (Eq. 5-7), both averaged over pixels and images."""
+    """L_rec = w_euc * L_euc + w_cos * L_cos (Eq. 5-7), both averaged over pixels and images.
+
+    ``weight`` (B, H, W) in {0, 1} restricts the loss to some pixels (complementary masks:
+    each pass is scored where its input was hidden); ``cfg.hard_mining`` down-weights the
+    easiest pixels.
+    """
     phi, phi_hat = phi.float(), phi_hat.float()
-    l_euc = euclidean_term(phi, phi_hat).mean()
-    l_cos = cosine_term(phi, phi_hat).mean()
+    euc, cos = euclidean_term(phi, phi_hat), cosine_term(phi, phi_hat)
+    if weight is not None:
+        keep = weight.flatten() > 0
+        euc, cos = euc.flatten()[keep], cos.flatten()[keep]
+    l_euc = hard_mined_mean(euc, cfg.hard_mining)
+    l_cos = hard_mined_mean(cos, cfg.hard_mining)
     loss = cfg.w_euc * l_euc + cfg.w_cos * l_cos
     return loss, {"l_euc": l_euc.detach().item(), "l_cos": l_cos.detach().item()}
 
@@ -63,19 +88,21 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
+def to_image(amap: torch.Tensor, image_size: int, cfg: AnomalyConfig) -> torch.Tensor:
+    """A (B, h, w) feature-resolution map upsampled to the image and Gaussian-smoothed; the
+    blur is sigma at 256 px, scaled with the image size so it covers the same area."""
+    amap = F.interpolate(
+        amap.float()[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False
+    )[:, 0]
+    return gaussian_blur(amap, cfg.sigma * image_size / 256.0)
+
+
 def anomaly_map(
     phi: torch.Tensor, phi_hat: torch.Tensor, image_size: int, cfg: AnomalyConfig
 ) -> torch.Tensor:
-    """AS_final = AS_euc (x) AS_cos (Eq. 8), upsampled to the image and Gaussian-smoothed.
-
-    The blur is sigma at 256 px, scaled with the image size so it covers the same area.
-    """
+    """AS_final = AS_euc (x) AS_cos (Eq. 8), upsampled to the image and Gaussian-smoothed."""
     phi, phi_hat = phi.float(), phi_hat.float()
-    amap = euclidean_term(phi, phi_hat) * cosine_term(phi, phi_hat)
-    amap = F.interpolate(
-        amap[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False
-    )[:, 0]
-    return gaussian_blur(amap, cfg.sigma * image_size / 256.0)
+    return to_image(euclidean_term(phi, phi_hat) * cosine_term(phi, phi_hat), image_size, cfg)
 
 
 def image_score(maps: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
@@ -93,10 +120,14 @@ def image_score(maps: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Decision threshold and score statistics, all from held-out normal training images.
+    """Decision threshold and score statistics, all from held-out normal training images that
+    model selection never saw (their own split), at the precision scoring uses.
 
-    ``threshold`` flags ``target_fpr`` of held-out normals; ``score_mean`` / ``score_std``
-    normalise image scores; ``map_low`` / ``map_high`` fix one model-wide scale for heat maps
+    ``threshold`` flags ``target_fpr`` of those normals; ``supported_fpr`` is the smallest
+    false-positive rate their number can demonstrate, 1 / (n + 1): a target below it is
+    met only by putting the threshold above every calibration image, and is not a measured
+    rate; ``score_mean`` / ``score_std`` describe normal scores; ``map_low`` / ``map_high``
+    fix one model-wide scale for heat maps
     (the median and the 99.9th percentile of normal pixels' anomaly values), so heat maps
     compare across images and nights; ``pixel_threshold`` binarises maps into defect masks.
     """
@@ -109,9 +140,7 @@ class Calibration:
     map_low: float
     map_high: float
     pixel_threshold: float
-
-    def normalized(self, score: float | np.ndarray) -> float | np.ndarray:
-        return (score - self.score_mean) / max(self.score_std, 1e-12)
+    supported_fpr: float = 0.0  # 0: unknown (a package from before it was recorded)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -151,4 +180,5 @@ def calibrate(
         map_low=float(low),
         map_high=float(max(high, low + 1e-12)),
         pixel_threshold=float(pix_thr),
+        supported_fpr=1.0 / (n + 1),
     )

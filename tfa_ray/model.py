@@ -19,8 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tfa_ray.anomaly import anomaly_map, to_image
 from tfa_ray.backbones import FeatureExtractor
-from tfa_ray.config import ModelConfig
+from tfa_ray.config import AnomalyConfig, ModelConfig
+from tfa_ray.evidence import GaussianEvidence, MapNorm
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
@@ -41,27 +43,42 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    """Multi-head self-attention: softmax (ViT, the paper) or linear.
+
+    Linear attention (Dinomaly) replaces softmax(q k^T) v by phi(q) (phi(k)^T v) with
+    phi = elu + 1: it cannot focus sharply, so it cannot route a token to itself (an anti-copy
+    prior), and it costs O(T) instead of O(T^2) on long token sequences.
+    """
+
+    def __init__(self, dim: int, heads: int, kind: str = "softmax"):
         super().__init__()
         assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
-        self.heads = heads
+        if kind not in ("softmax", "linear"):
+            raise ValueError(f"attention must be 'softmax' or 'linear', got {kind!r}")
+        self.heads, self.kind = heads, kind
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # fused kernel where available
+        if self.kind == "softmax":
+            x = F.scaled_dot_product_attention(q, k, v)  # fused kernel where available
+        else:
+            q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
+            kv = torch.einsum("bhtd,bhte->bhde", k, v)
+            norm = torch.einsum("bhtd,bhd->bht", q, k.sum(dim=2)).clamp_min(1e-6)
+            x = torch.einsum("bhtd,bhde->bhte", q, kv) / norm[..., None]
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
 class Block(nn.Module):
     """The ViT transformer block (pre-norm attention + MLP), as the paper specifies."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, attention: str = "softmax"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, attention)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
@@ -89,8 +106,13 @@ class TFANet(nn.Module):
             "pos_embed", sincos_pos_embed_2d(cfg.tfam_dim, self.grid)[None], persistent=False
         )
         self.tfam = nn.ModuleList(
-            [Block(cfg.tfam_dim, cfg.tfam_heads, cfg.mlp_ratio) for _ in range(cfg.tfam_depth)]
+            [
+                Block(cfg.tfam_dim, cfg.tfam_heads, cfg.mlp_ratio, cfg.tfam_attention)
+                for _ in range(cfg.tfam_depth)
+            ]
         )
+        # the noisy bottleneck (Dinomaly): dropout on the input tokens entering TFAM, training only
+        self.input_dropout = nn.Dropout(cfg.input_dropout)
         self.tfam_to_fdrm = nn.Linear(cfg.tfam_dim, cfg.fdrm_dim)
         self.fdrm = nn.ModuleList(
             [Block(cfg.fdrm_dim, cfg.fdrm_heads, cfg.mlp_ratio) for _ in range(cfg.fdrm_depth)]
@@ -135,13 +157,16 @@ class TFANet(nn.Module):
         mask_ratio: float = 0.0,
         visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """phi: (B, C, H, W) input features; e_template: (1, N, D) embedded template features.
+        """phi: (B, C, H, W) input features; e_template: (1 or B, N, D) embedded template
+        features (one template for all, or each input's own).
 
         ``mask_ratio`` drops a random subset of input tokens (training); ``visible`` keeps
-        exactly these token indices instead (complementary masking at test time).
+        exactly these token indices instead (complementary masking).
         """
-        e_input = self.embed(phi)
-        if visible is not None:
+        e_input = self.input_dropout(self.embed(phi))
+        if visible is not None and visible.ndim == 2:  # each image its own visible tokens
+            e_input = torch.gather(e_input, 1, visible[..., None].expand(-1, -1, e_input.shape[2]))
+        elif visible is not None:
             e_input = e_input[:, visible]
         elif mask_ratio > 0:
             e_input = self.random_masking(e_input, mask_ratio)
@@ -194,15 +219,26 @@ class TFANet(nn.Module):
         return total / (1 if layout == "blocks" else passes - 1)
 
 
-class Detector(nn.Module):
-    """Frozen backbone + TFA-Net + template: images in, (phi, phi_hat) out.
+def dual_masks(batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """(2, B, N/2) token indices: per image a random half and its complement (D2Rec's
+    complementary masks: each half is reconstructed from the other, at any masking ratio)."""
+    order = torch.rand(batch, num_tokens, device=device).argsort(dim=1)
+    half = num_tokens // 2
+    return torch.stack([order[:, :half], order[:, half : 2 * half]])
 
-    The template's features never change for a trained model, so in eval mode its embedding is
-    computed once and cached; in training the projection changes every step, so it is recomputed
-    from the (cached) template features.
+
+class Detector(nn.Module):
+    """Frozen backbone + TFA-Net + a bank of templates (+ optional statistical evidence):
+    images in, anomaly maps out.
+
+    The bank holds T normal templates; every input is paired with its nearest one by the
+    distance of globally pooled features (T = 1 with the first training image is the paper).
+    Template features never change for a trained model, so in eval mode their embeddings are
+    computed once and cached; in training the projection changes every step, so they are
+    recomputed from the (cached) template features.
     """
 
-    def __init__(self, cfg: ModelConfig, template: torch.Tensor | None = None):
+    def __init__(self, cfg: ModelConfig, templates: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.backbone = FeatureExtractor(cfg.backbone, cfg.feature_size)
@@ -211,17 +247,28 @@ class Detector(nn.Module):
         # Per-channel standardisation of phi (identity until set from training features).
         self.register_buffer("feature_mean", torch.zeros(channels))
         self.register_buffer("feature_std", torch.ones(channels))
-        size = cfg.image_size
-        self.register_buffer("template", torch.zeros(3, size, size))
-        self.register_buffer(
-            "template_phi", torch.zeros(1, channels, cfg.feature_size, cfg.feature_size)
+        T, S, h = cfg.num_templates, cfg.image_size, cfg.feature_size
+        self.register_buffer("templates", torch.zeros(T, 3, S, S))
+        self.register_buffer("template_phi", torch.zeros(T, channels, h, h))
+        self.register_buffer("template_keys", torch.zeros(T, channels))
+        self.gaussian = (
+            GaussianEvidence(channels, cfg.gaussian_size, cfg.gaussian_channels)
+            if cfg.gaussian_size
+            else None
         )
-        self._e_template: torch.Tensor | None = None
-        if template is not None:
-            self.set_template(template)
+        self.reconstruction_norm = MapNorm()
+        self.gaussian_norm = MapNorm()
+        self._e_templates: torch.Tensor | None = None
+        if templates is not None:
+            self.set_templates(templates)
+
+    @property
+    def template(self) -> torch.Tensor:
+        """The first template (the paper's single template when T = 1)."""
+        return self.templates[0]
 
     def train(self, mode: bool = True) -> Detector:
-        self._e_template = None
+        self._e_templates = None
         return super().train(mode)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -233,41 +280,94 @@ class Detector(nn.Module):
         return (phi - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
 
     @torch.no_grad()
-    def set_template(self, template: torch.Tensor) -> None:
-        """The template image (3, S, S) in [0, 1], resized and normalised exactly like inputs."""
-        self.template.copy_(template.to(self.template))
-        self.refresh_template()
+    def set_templates(self, templates: torch.Tensor) -> None:
+        """(T, 3, S, S) or (3, S, S) template images in [0, 1], normalised exactly like inputs."""
+        self.templates.copy_(templates.reshape(self.templates.shape).to(self.templates))
+        self.refresh_templates()
+
+    set_template = set_templates
 
     @torch.no_grad()
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std.clamp_min(1e-6))
-        self.refresh_template()
+        self.refresh_templates()
 
     @torch.no_grad()
-    def refresh_template(self) -> None:
-        self.template_phi.copy_(self.features(self.template[None]))
-        self._e_template = None
+    def refresh_templates(self) -> None:
+        self.template_phi.copy_(self.features(self.templates))
+        self.template_keys.copy_(self.template_phi.mean(dim=(2, 3)))
+        self._e_templates = None
 
-    def template_embedding(self) -> torch.Tensor:
+    def nearest_template(self, phi: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+        """(B,) index of each input's nearest template by globally pooled features. In training
+        an input that *is* a template is paired with its nearest other one (never a copy)."""
+        d = torch.cdist(phi.float().mean(dim=(2, 3)), self.template_keys.float())
+        if exclude_self and d.shape[1] > 1:
+            d = d.masked_fill(d < 1e-4, float("inf"))
+        return d.argmin(dim=1)
+
+    def template_embeddings(self) -> torch.Tensor:
+        """(T, N, D) embedded template features: cached in eval mode without autograd."""
         if self.training or torch.is_grad_enabled():
             return self.net.embed(self.template_phi)
-        if self._e_template is None or self._e_template.device != self.template_phi.device:
-            self._e_template = self.net.embed(self.template_phi)
-        return self._e_template
+        if self._e_templates is None or self._e_templates.device != self.template_phi.device:
+            self._e_templates = self.net.embed(self.template_phi)
+        return self._e_templates
+
+    def template_embedding(self) -> torch.Tensor:
+        """The first template's embedding (1, N, D): warms the cache for all of them."""
+        return self.template_embeddings()[:1]
+
+    def paired_templates(self, phi: torch.Tensor) -> torch.Tensor:
+        """(B or 1, N, D): each input's nearest template's embedding."""
+        e = self.template_embeddings()
+        if len(e) == 1:
+            return e
+        return e[self.nearest_template(phi, exclude_self=self.training)]
 
     def reconstruct(self, phi: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
         """phi_hat(I) from already computed features (training uses cached features)."""
+        e_t = self.paired_templates(phi)
         passes = self.cfg.test_mask_passes
         if not self.training and passes > 1:
-            return self.net.forward_complementary(
-                phi, self.template_embedding(), passes, self.cfg.test_mask_layout
-            )
-        return self.net(phi, self.template_embedding(), mask_ratio)
+            return self.net.forward_complementary(phi, e_t, passes, self.cfg.test_mask_layout)
+        return self.net(phi, e_t, mask_ratio)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         phi = self.features(images)
         return phi, self.reconstruct(phi)
+
+    def evidence(
+        self,
+        phi: torch.Tensor,
+        cfg: AnomalyConfig,
+        phi_hat: torch.Tensor | None = None,
+        statistics: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Raw image-size maps of each kind of evidence: Eq. 8 on the reconstruction, and (with
+        ``statistics``) the Gaussian's Mahalanobis distance where the model has one."""
+        S = self.cfg.image_size
+        phi_hat = self.reconstruct(phi) if phi_hat is None else phi_hat
+        maps = {"reconstruction": anomaly_map(phi, phi_hat, S, cfg)}
+        if statistics and self.gaussian is not None:
+            maps["gaussian"] = to_image(self.gaussian(phi.float()), S, cfg)
+        return maps
+
+    def fuse(self, maps: dict[str, torch.Tensor], cfg: AnomalyConfig) -> torch.Tensor:
+        """The paper's map alone, or w * rec + (1 - w) * gauss after putting each on the scale
+        of held-out normal pixels (``w = cfg.w_reconstruction``)."""
+        if self.gaussian is None:
+            return maps["reconstruction"]
+        w = cfg.w_reconstruction
+        out = self.gaussian_norm(maps["gaussian"]) * (1.0 - w)
+        if w > 0:
+            out = out + self.reconstruction_norm(maps["reconstruction"]) * w
+        return out
+
+    def anomaly_maps(self, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
+        """(B, 3, S, S) images in [0, 1] -> (B, S, S) anomaly maps."""
+        return self.fuse(self.evidence(self.features(images), cfg), cfg)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -26,7 +26,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from tfa_ray import storage
-from tfa_ray.anomaly import Calibration, anomaly_map, image_score
+from tfa_ray.anomaly import Calibration, image_score
 from tfa_ray.config import Preset, preset_from_json, preset_to_json
 from tfa_ray.model import Detector
 
@@ -63,8 +63,7 @@ class TFAModel:
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         bf16 = self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            phi, phi_hat = self.detector(images)
-        maps = anomaly_map(phi, phi_hat, self.image_size, self.preset.anomaly)
+            maps = self.detector.anomaly_maps(images, self.preset.anomaly)
         return maps, image_score(maps, self.preset.anomaly)
 
 

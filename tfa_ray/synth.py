@@ -17,9 +17,13 @@ from PIL import Image, ImageDraw
 
 from tfa_ray import storage
 
-__all__ = ["CATEGORIES", "KINDS", "make_dataset", "make_image", "paint_defect"]
+__all__ = ["CATEGORIES", "KINDS", "LARGE_KINDS", "make_dataset", "make_image", "paint_defect"]
 
 KINDS = ("scratch", "blob", "cutpaste", "spot", "missing")
+# Large, low-frequency defects (10-40 % of the image): uneven shading, stains, intensity
+# shifts. Real lines have both kinds; selection on small defects alone cannot rank models
+# for these. A prior about defects, not a look at any test set.
+LARGE_KINDS = ("shading", "blotch")
 CATEGORIES = ("texture", "object")
 
 # Defect area as a fraction of the image (log-uniform); shapes add some spread around it.
@@ -236,12 +240,62 @@ def _missing(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.
     return region, out
 
 
+def _smooth_field(h: int, w: int, rng: np.random.Generator, cells: int) -> np.ndarray:
+    """A smooth random field in [0, 1]: a ``cells`` x ``cells`` grid of noise, upsampled."""
+    coarse = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
+    field = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
+    return (field - field.min()) / max(float(field.max() - field.min()), 1e-6)
+
+
+def _large_region(h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A soft, irregular region of 10-40 % of the image: (bool region, weight in [0, 1])."""
+    area = rng.uniform(0.10, 0.40)
+    a, b = _ellipse_axes(area * h * w, rng, 0.4)
+    cy, cx = rng.uniform(0.25, 0.75) * h, rng.uniform(0.25, 0.75) * w
+    theta = rng.uniform(0, np.pi)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    u = ((xs - cx) * np.cos(theta) + (ys - cy) * np.sin(theta)) / a
+    v = (-(xs - cx) * np.sin(theta) + (ys - cy) * np.cos(theta)) / b
+    r = np.sqrt(u**2 + v**2) * (0.75 + 0.5 * _smooth_field(h, w, rng, 4))  # irregular rim
+    weight = np.clip((1.15 - r) / 0.3, 0, 1)  # soft edge
+    return weight > 0.2, weight
+
+
+def _shading(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Uneven illumination: a brightness ramp across a large soft region."""
+    h, w = img.shape[:2]
+    region, weight = _large_region(h, w, rng)
+    theta = rng.uniform(0, 2 * np.pi)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    ramp = (xs / w - 0.5) * np.cos(theta) + (ys / h - 0.5) * np.sin(theta)
+    amp = rng.uniform(25, 60) * rng.choice([-1.0, 1.0])
+    delta = amp * (0.75 + 0.5 * ramp) * weight * region
+    out = np.clip(img + delta[..., None], 0, 255).astype(np.uint8)
+    return region, out
+
+
+def _blotch(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A stain: a large region whose intensity and contrast shift with a low-frequency pattern."""
+    h, w = img.shape[:2]
+    region, weight = _large_region(h, w, rng)
+    pattern = 0.5 + _smooth_field(h, w, rng, int(rng.integers(3, 7)))
+    shift = rng.uniform(20, 50) * rng.choice([-1.0, 1.0])
+    contrast = rng.uniform(0.6, 1.4)
+    mean = img[region].mean(axis=0) if region.any() else img.reshape(-1, 3).mean(axis=0)
+    changed = mean + (img - mean) * contrast + shift * pattern[..., None]
+    alpha = (weight * region)[..., None]
+    out = np.clip(alpha * changed + (1 - alpha) * img, 0, 255).astype(np.uint8)
+    return region, out
+
+
 _PAINTERS = {
     "scratch": _scratch,
     "blob": _blob,
     "cutpaste": _cutpaste,
     "spot": _spot,
     "missing": _missing,
+    "shading": _shading,
+    "blotch": _blotch,
 }
 
 
@@ -252,7 +306,8 @@ def paint_defect(
 
     The mask is exact: it is the set of changed pixels, and every pixel in it is changed (a
     pixel whose new colour happened to equal the old one is nudged). ``kind`` is one of
-    :data:`KINDS` (random if None). Works on any ``(H, W, 3)`` uint8 image of 16 px or more.
+    :data:`KINDS` or :data:`LARGE_KINDS` (random from ``KINDS`` if None). Works on any
+    ``(H, W, 3)`` uint8 image of 16 px or more.
     """
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -262,7 +317,7 @@ def paint_defect(
     if kind is None:
         kind = KINDS[int(rng.integers(len(KINDS)))]
     if kind not in _PAINTERS:
-        raise ValueError(f"unknown defect kind {kind!r}; choose one of {KINDS}")
+        raise ValueError(f"unknown defect kind {kind!r}; choose one of {KINDS + LARGE_KINDS}")
     region, out = _PAINTERS[kind](img, rng)
     if not region.any():  # cannot happen with the sizes above; keep the contract regardless
         region[img.shape[0] // 2, img.shape[1] // 2] = True

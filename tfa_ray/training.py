@@ -3,13 +3,18 @@
 ``fit`` is the whole single-category loop; it runs in-process here and as the body of a Ray
 Train worker loop (training on Ray lives with the orchestration code). What it guarantees:
 
-* gradients are zeroed every step; the backbone is frozen and, without augmentation, its
-  features are computed once and cached;
-* a validation split carved from the *normal training images* (never the test split) drives
-  model selection, early stopping and calibration;
+* gradients are zeroed every step; the backbone is frozen and its features are computed once;
+* two splits are carved from the *normal training images* (never the test split): a
+  selection split drives the epoch, early stopping and every inference choice, and a
+  calibration split, which nothing else sees, sets the threshold;
 * the epoch is selected on detection, not on validation loss: synthetic anomalies with exact
-  masks (CutPaste patches, noise blobs, scratches, ...) are pasted into the held-out normal
-  images and the selection score is the mean of image AUROC and AUPRO on them.
+  masks, small local ones (scratches, blobs, CutPaste, ...) and large low-frequency ones
+  (shading, stains), are pasted into the selection images and the selection score is the mean
+  of image AUROC and AUPRO on them.
+
+``fit`` reads as its steps: :func:`prepare` (splits, templates, cached features, statistics),
+:func:`train_epochs` (the loop, checkpoints in a :class:`TrainState`), :func:`select_inference`
+(test-time masking, image score, evidence fusion) and :func:`calibrate_model`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import time
@@ -26,12 +32,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tfa_ray.anomaly import Calibration, anomaly_map, calibrate, image_score, reconstruction_loss
-from tfa_ray.config import AnomalyConfig, Preset
+from tfa_ray.anomaly import Calibration, calibrate, image_score, reconstruction_loss
+from tfa_ray.config import AnomalyConfig, ModelConfig, Preset
 from tfa_ray.data import CategoryData, check_images, load_image, template_path
+from tfa_ray.evidence import greedy_coreset
 from tfa_ray.metrics import aupro, image_auroc
-from tfa_ray.model import Detector
-from tfa_ray.synth import paint_defect
+from tfa_ray.model import Detector, dual_masks
+from tfa_ray.synth import KINDS, LARGE_KINDS, paint_defect
 
 log = logging.getLogger(__name__)
 ECHO = functools.partial(print, flush=True)  # progress lines reach logs as they happen
@@ -48,7 +55,9 @@ class TrainResult:
     selection_score: float = float("nan")
     wall_time_s: float = 0.0
     num_train: int = 0
-    num_val: int = 0
+    num_val: int = 0  # selection split
+    num_calib: int = 0  # calibration split
+    selection: dict = field(default_factory=dict)  # every inference variant tried, and its score
 
 
 @dataclass
@@ -74,6 +83,21 @@ def split_train_val(
     return train, val
 
 
+def split_normals(
+    paths: list[str], val_fraction: float, calib_fraction: float, seed: int
+) -> tuple[list[str], list[str], list[str]]:
+    """(train, selection, calibration): seeded, disjoint, complete; calibration may be empty
+    (``calib_fraction`` 0: the selection images calibrate too, as before)."""
+    if calib_fraction <= 0:
+        return (*split_train_val(paths, val_fraction, seed), [])
+    if len(paths) < 3:
+        raise ValueError(f"need at least 3 normal training images, found {len(paths)}")
+    held = min(len(paths) - 1, max(2, round((val_fraction + calib_fraction) * len(paths))))
+    train, held_out = split_train_val(paths, held / len(paths), seed)
+    calib, val = split_train_val(held_out, val_fraction / (val_fraction + calib_fraction), seed)
+    return train, val, calib
+
+
 def load_images_uint8(paths: list[str], size: int) -> torch.Tensor:
     """(N, 3, S, S) uint8: a quarter of the memory of float images for the whole training set."""
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
@@ -82,26 +106,32 @@ def load_images_uint8(paths: list[str], size: int) -> torch.Tensor:
     return out
 
 
-def paste_synthetic(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def paste_synthetic(
+    image: np.ndarray, rng: np.random.Generator, large: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic defect pasted into an (H, W, 3) uint8 image, and its exact mask.
 
-    Real defects are often faint: the defect is blended in at a random opacity, so neither
+    Half are small local defects, half large low-frequency ones (real lines have both). Real
+    defects are often faint: the defect is blended in at a random opacity, so neither
     selection nor denoising training is decided by glaring anomalies only.
     """
-    bad, mask = paint_defect(image, rng)
+    kinds = LARGE_KINDS if large and rng.random() < 0.5 else KINDS
+    bad, mask = paint_defect(image, rng, kinds[int(rng.integers(len(kinds)))])
     opacity = rng.uniform(0.3, 1.0)
     bad = np.where(mask[..., None], opacity * bad + (1 - opacity) * image, image)
     bad = bad.round().astype(np.uint8)
     return np.ascontiguousarray(bad), mask & (bad != image).any(axis=-1)
 
 
-def make_validation_set(images: torch.Tensor, per_image: int, seed: int) -> ValidationSet:
+def make_validation_set(
+    images: torch.Tensor, per_image: int, seed: int, large: bool = True
+) -> ValidationSet:
     rng = np.random.default_rng(seed + 1)
     anomalous, masks = [], []
     for img in images:
         hwc = img.permute(1, 2, 0).numpy()
         for _ in range(per_image):
-            bad, mask = paste_synthetic(hwc, rng)
+            bad, mask = paste_synthetic(hwc, rng, large)
             anomalous.append(torch.from_numpy(bad).permute(2, 0, 1))
             masks.append(torch.from_numpy(mask))
     return ValidationSet(images, torch.stack(anomalous), torch.stack(masks))
@@ -179,20 +209,28 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def predict_features(
-    detector: Detector, phi: torch.Tensor, preset: Preset, device: torch.device, batch_size: int
-) -> tuple[torch.Tensor, float]:
-    """Anomaly maps and mean loss for cached features (eval mode)."""
-    maps, losses = [], []
+def predict_evidence(
+    detector: Detector,
+    phi: torch.Tensor,
+    preset: Preset,
+    device: torch.device,
+    batch_size: int,
+    statistics: bool = True,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Raw evidence maps (eval mode, the device's inference precision) for cached features, and
+    the mean reconstruction loss."""
+    maps: dict[str, list[torch.Tensor]] = {}
+    losses = []
     for i in range(0, len(phi), batch_size):
         x = phi[i : i + batch_size].to(device).float()
         with autocast(device):
             x_hat = detector.reconstruct(x)
+            evidence = detector.evidence(x, preset.anomaly, x_hat, statistics)
         loss, _ = reconstruction_loss(x, x_hat, preset.anomaly)
-        amap = anomaly_map(x, x_hat, preset.model.image_size, preset.anomaly)
-        maps.append(amap.cpu())
+        for kind, m in evidence.items():
+            maps.setdefault(kind, []).append(m.float().cpu())
         losses.append(loss.item() * len(x))
-    return torch.cat(maps), sum(losses) / len(phi)
+    return {k: torch.cat(v) for k, v in maps.items()}, sum(losses) / len(phi)
 
 
 SCORE_KINDS = ("std", "max", "topk")
@@ -241,11 +279,13 @@ def validate(
     preset: Preset,
     device: torch.device,
 ) -> tuple[float, dict, float]:
-    """Selection score, its parts, and the validation loss on the held-out normal images."""
+    """Selection score of the reconstruction map alone (the epoch is chosen on what the
+    network learnt, not on the fixed statistics), its parts, and the validation loss."""
     bs = preset.train.batch_size
-    maps_n, val_loss = predict_features(detector, normal_phi, preset, device, bs)
-    maps_a, _ = predict_features(detector, anomalous_phi, preset, device, bs)
-    sel, parts = selection_score(maps_n, maps_a, val.masks, preset.anomaly)
+    maps_n, val_loss = predict_evidence(detector, normal_phi, preset, device, bs, False)
+    maps_a, _ = predict_evidence(detector, anomalous_phi, preset, device, bs, False)
+    rec = "reconstruction"
+    sel, parts = selection_score(maps_n[rec], maps_a[rec], val.masks, preset.anomaly)
     return sel, parts, val_loss
 
 
@@ -257,39 +297,335 @@ def shard_batch(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
     return batch[rank::world_size]
 
 
-def checkpoint_state(
-    epoch: int,
-    step: int,
-    history: list[dict],
-    best: dict,
+@dataclass
+class Prepared:
+    """Everything training reads, computed once: the splits and their cached features."""
+
+    train_paths: list[str]
+    val_paths: list[str]
+    calib_paths: list[str]
+    template_path: str
+    train_phi: torch.Tensor  # (N, C, h, w) float16, standardised
+    val: ValidationSet
+    val_normal_phi: torch.Tensor
+    val_anomalous_phi: torch.Tensor
+    calib_phi: torch.Tensor
+    corrupt_phi: torch.Tensor | None = None  # denoising inputs (train.denoise_fraction)
+
+
+@dataclass
+class TrainState:
+    """The resumable state of a run: tensors, numbers and strings only, so a checkpoint reads
+    back with ``torch.load(..., weights_only=True)`` without unpickling code."""
+
+    detector: Detector
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    best_kind: str = ""
+    best_net: dict | None = None
+
+    def checkpoint(self) -> dict:
+        """The state after ``epoch``. The best weights travel only when they are not the
+        current ones (the usual case once training has converged is a second full copy)."""
+        current = self.best_epoch == self.epoch
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": copy.deepcopy(self.history),
+            "best": {"score": self.best_score, "epoch": self.best_epoch, "kind": self.best_kind},
+            "best_net": {} if current or self.best_net is None else self.best_net,
+            "net": self.detector.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def restore(self, state: dict) -> None:
+        self.detector.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        best = state["best"]
+        self.best_score, self.best_epoch = float(best["score"]), int(best["epoch"])
+        self.best_kind = str(best["kind"])
+        if state["best_net"]:
+            self.best_net = state["best_net"]
+        elif self.best_epoch == self.epoch:
+            self.best_net = copy.deepcopy(state["net"])
+
+    def record_best(self, score: float, kind: str) -> bool:
+        if score <= self.best_score:
+            return False
+        self.best_score, self.best_epoch, self.best_kind = score, self.epoch, kind
+        self.best_net = copy.deepcopy(self.detector.net.state_dict())
+        return True
+
+
+def pick_templates(
+    data_template: str, train_paths: list[str], train_phi: torch.Tensor, count: int
+) -> list[str]:
+    """The paper's template first, then ``count - 1`` more training images by greedy k-center
+    on globally pooled features: the bank covers the normal variation, not one mode of it."""
+    if count <= 1:
+        return [data_template]
+    keys = train_phi.float().mean(dim=(2, 3))
+    first = train_paths.index(data_template) if data_template in train_paths else None
+    if first is None:  # an external template: k-center over the training images alone
+        return [data_template] + [train_paths[i] for i in greedy_coreset(keys, count - 1)]
+    order = greedy_coreset(keys, count, start=first)
+    return [train_paths[i] for i in order]
+
+
+def prepare(
+    data: CategoryData,
+    preset: Preset,
     detector: Detector,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-) -> dict:
-    """Everything needed to continue training after ``epoch``: tensors, numbers and strings
-    only, so ``torch.load(..., weights_only=True)`` reads it back without unpickling code."""
-    return {
-        "epoch": epoch,
-        "step": step,
-        "history": copy.deepcopy(history),
-        "best": {k: v for k, v in best.items() if k != "state"},
-        "best_state": best.get("state") or {},
-        "net": detector.net.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-    }
+    device: torch.device,
+    template: str | None,
+    skip_bad: bool,
+    echo: Callable[[str], None],
+) -> Prepared:
+    """Splits, templates, cached backbone features, feature statistics and the Gaussian."""
+    cfg, tcfg = preset.model, preset.train
+    size = cfg.image_size
+    paths = check_images(data.train, skip_bad=skip_bad)
+    tpl = template_path(data, template)
+    train_paths, val_paths, calib_paths = split_normals(
+        paths, tcfg.val_fraction, tcfg.calib_fraction, tcfg.seed
+    )
+    echo(
+        f"[{data.category}] {len(train_paths)} train / {len(val_paths)} selection / "
+        f"{len(calib_paths)} calibration normal images, template {tpl}"
+    )
+    t_feat = time.perf_counter()
+    detector.set_templates(load_image(tpl, size).expand(cfg.num_templates, -1, -1, -1))
+    train_images = load_images_uint8(train_paths, size)
+    train_phi = compute_features(detector, train_images, device)
+    if cfg.standardize_features:
+        mean, std = feature_statistics(train_phi)
+        detector.set_feature_stats(mean.to(device), std.to(device))
+        train_phi = (
+            (train_phi.float() - mean[:, None, None]) / std.clamp_min(1e-6)[:, None, None]
+        ).half()
+    if cfg.num_templates > 1:
+        bank = pick_templates(tpl, train_paths, train_phi, cfg.num_templates)
+        detector.set_templates(torch.stack([load_image(p, size) for p in bank]).to(device))
+        echo(f"[{data.category}] template bank: {', '.join(p.rsplit('/', 1)[-1] for p in bank)}")
+    if detector.gaussian is not None:
+        detector.gaussian.fit(train_phi[i : i + 32] for i in range(0, len(train_phi), 32))
+    corrupt_phi = None
+    if tcfg.denoise_fraction > 0:
+        corrupt_phi = compute_features(detector, corrupted_copies(train_images, tcfg.seed), device)
+    val = make_validation_set(
+        load_images_uint8(val_paths, size), tcfg.synthetic_per_val, tcfg.seed, tcfg.synthetic_large
+    )
+    calib_phi = compute_features(detector, load_images_uint8(calib_paths, size), device)
+    prepared = Prepared(
+        train_paths=train_paths,
+        val_paths=val_paths,
+        calib_paths=calib_paths,
+        template_path=tpl,
+        train_phi=train_phi,
+        val=val,
+        val_normal_phi=compute_features(detector, val.normal, device),
+        val_anomalous_phi=compute_features(detector, val.anomalous, device),
+        calib_phi=calib_phi,
+        corrupt_phi=corrupt_phi,
+    )
+    echo(f"[{data.category}] backbone features cached in {time.perf_counter() - t_feat:.1f}s")
+    return prepared
 
 
-def restore_state(
-    state: dict, detector: Detector, optimizer: torch.optim.Optimizer, generator: torch.Generator
-) -> tuple[int, int, list[dict], dict]:
-    """Load a :func:`checkpoint_state` dict; returns (epochs done, step, history, best)."""
-    detector.net.load_state_dict(state["net"])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    best = dict(state["best"])
-    best["state"] = state["best_state"] or None
-    return int(state["epoch"]), int(state["step"]), list(state["history"]), best
+def token_weights(visible: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
+    """(B, n) visible token indices -> (B, H, W) 1 where the token was hidden, else 0."""
+    hidden = torch.ones(visible.shape[0], grid * grid, device=visible.device)
+    hidden.scatter_(1, visible, 0.0)
+    hidden = hidden.view(-1, grid, grid)
+    return hidden.repeat_interleave(patch, 1).repeat_interleave(patch, 2)
+
+
+def training_loss(
+    detector: Detector,
+    net: torch.nn.Module,
+    phi: torch.Tensor,
+    phi_in: torch.Tensor,
+    preset: Preset,
+) -> torch.Tensor:
+    """One step's loss: random masking (the paper) or complementary halves, each scored where
+    it was hidden. ``net`` is ``detector.net`` or its DDP wrapper."""
+    cfg = preset.model
+    e_t = detector.paired_templates(phi_in)
+    if cfg.mask_mode == "random":
+        return reconstruction_loss(phi, net(phi_in, e_t, cfg.mask_ratio), preset.anomaly)[0]
+    if cfg.mask_mode != "dual":
+        raise ValueError(f"mask_mode must be 'random' or 'dual', got {cfg.mask_mode!r}")
+    halves = dual_masks(len(phi), detector.net.num_tokens, phi.device)  # (2, B, N/2)
+    visible = halves.reshape(-1, halves.shape[-1])
+    e_t = e_t.expand(len(phi), -1, -1).repeat(2, 1, 1)
+    phi_hat = net(phi_in.repeat(2, 1, 1, 1), e_t, visible=visible)
+    weight = token_weights(visible, detector.net.grid, cfg.patch_size)
+    return reconstruction_loss(phi.repeat(2, 1, 1, 1), phi_hat, preset.anomaly, weight)[0]
+
+
+def train_epochs(
+    state: TrainState,
+    prep: Prepared,
+    preset: Preset,
+    device: torch.device,
+    category: str,
+    echo: Callable[[str], None],
+    on_epoch_end: Callable[[dict], None] | None,
+    on_checkpoint: Callable[[dict], None] | None,
+    train_net: torch.nn.Module | None,
+    shard: tuple[int, int] | None,
+) -> None:
+    """The training loop: epochs until ``train.epochs`` or the time budget, whichever first
+    (``epochs=0``: the budget alone, so a small category gets the same optimiser time as a
+    large one), selecting the best epoch on the selection split."""
+    tcfg, detector = preset.train, state.detector
+    net = train_net if train_net is not None else detector.net
+    if not tcfg.epochs and not tcfg.time_budget_s:
+        raise ValueError("train.epochs=0 needs a time budget (train.time_budget_s)")
+    steps_per_epoch = math.ceil(len(prep.train_phi) / tcfg.batch_size)
+    total_steps = tcfg.epochs * steps_per_epoch
+    distributed = shard is not None
+    t_train = time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0)
+    if shard is not None:  # data parallel: each worker draws its own input-token masks
+        torch.manual_seed(tcfg.seed + 1 + shard[0])
+    epochs = range(state.epoch, tcfg.epochs) if tcfg.epochs else itertools.count(state.epoch)
+    for epoch in epochs:
+        detector.train()
+        t_epoch = time.perf_counter()
+        order = torch.randperm(len(prep.train_phi), generator=state.generator)
+        total, seen = 0.0, 0
+        for i in range(0, len(order), tcfg.batch_size):
+            batch = order[i : i + tcfg.batch_size]
+            if shard is not None:  # data parallel: this worker's share of the global batch
+                batch = shard_batch(batch, *shard)
+            phi = prep.train_phi[batch].to(device).float()
+            phi_in = phi
+            if prep.corrupt_phi is not None:  # these inputs carry a defect; target stays clean
+                noisy = torch.rand(len(batch)) < tcfg.denoise_fraction
+                if noisy.any():
+                    phi_in = phi.clone()
+                    phi_in[noisy] = prep.corrupt_phi[batch[noisy]].to(device).float()
+            with autocast(device):
+                loss = training_loss(detector, net, phi, phi_in, preset)
+            progress = state.step / total_steps if total_steps else 0.0
+            if tcfg.time_budget_s:
+                used = agreed_seconds(time.perf_counter() - t_train, device, distributed)
+                progress = max(progress, used / tcfg.time_budget_s)
+            for group in state.optimizer.param_groups:
+                group["lr"] = learning_rate(tcfg.lr, progress)
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.optimizer.step()
+            state.step += 1
+            total += loss.detach().item() * len(phi)
+            seen += len(phi)
+        train_time = time.perf_counter() - t_epoch
+        state.epoch = epoch + 1
+
+        detector.eval()
+        sel, parts, val_loss = validate(
+            detector, prep.val, prep.val_normal_phi, prep.val_anomalous_phi, preset, device
+        )
+        elapsed = time.perf_counter() - t_train
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": total / seen,
+            "val_loss": val_loss,
+            "selection": sel,
+            **parts,
+            "images_per_s": seen / train_time,
+            "elapsed_s": elapsed,
+        }
+        state.history.append(record)
+        improved = state.record_best(sel, parts["score_kind"])
+        if tcfg.epochs:
+            eta = elapsed / (epoch + 1) * (tcfg.epochs - epoch - 1)
+        else:
+            eta = max(tcfg.time_budget_s - elapsed, 0.0)
+        echo(
+            f"[{category}] epoch {epoch + 1}{f'/{tcfg.epochs}' if tcfg.epochs else ''} "
+            f"loss {record['train_loss']:.4f} val_loss {val_loss:.4f} select {sel:.4f} "
+            f"(img {parts['val_image_auroc']:.3f} pro {parts['val_aupro']:.3f})"
+            f"{' *' if improved else ''} {record['images_per_s']:.1f} img/s ETA {eta / 60:.1f}m"
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+        if on_checkpoint is not None:
+            on_checkpoint(state.checkpoint())
+        if tcfg.patience and epoch + 1 - state.best_epoch >= tcfg.patience:
+            echo(f"[{category}] early stop: selection flat for {tcfg.patience} epochs")
+            break
+        used = agreed_seconds(elapsed, device, distributed) if tcfg.time_budget_s else 0.0
+        if tcfg.time_budget_s and used + used / (epoch + 1) > tcfg.time_budget_s:
+            echo(f"[{category}] stopping: time budget of {tcfg.time_budget_s:.0f}s reached")
+            break
+
+
+def select_inference(
+    state: TrainState, prep: Prepared, preset: Preset, device: torch.device, category: str, echo
+) -> tuple[Preset, float, dict]:
+    """On the selection split only: test-time masking, evidence fusion weight and image score
+    kind of the best epoch's weights. Fits each map's normal scale on the selection normals.
+    Returns the resolved preset, its selection score and every variant's score."""
+    detector, tcfg = state.detector, preset.train
+    trials = [(preset.model.test_mask_passes, preset.model.test_mask_layout)]
+    trials += [(p, "lattice") for p in tcfg.try_test_mask_passes]
+    trials += [(p, "blocks") for p in tcfg.try_test_mask_blocks]
+    weights = tuple(dict.fromkeys((preset.anomaly.w_reconstruction, *tcfg.try_fusion_weights)))
+    if detector.gaussian is None:
+        weights = (preset.anomaly.w_reconstruction,)
+    masks, bs = prep.val.masks, tcfg.batch_size
+    best: tuple[float, ModelConfig, AnomalyConfig, dict] | None = None
+    tried: dict[str, float] = {}
+    for passes, layout in dict.fromkeys(trials):
+        model_cfg = dataclasses.replace(
+            preset.model, test_mask_passes=passes, test_mask_layout=layout
+        )
+        detector.cfg = model_cfg
+        normal, _ = predict_evidence(detector, prep.val_normal_phi, preset, device, bs)
+        anomalous, _ = predict_evidence(detector, prep.val_anomalous_phi, preset, device, bs)
+        norms = {"reconstruction": detector.reconstruction_norm, "gaussian": detector.gaussian_norm}
+        fitted = {kind: norms[kind].fit(m).state_dict() for kind, m in normal.items()}
+        for w in weights:
+            anomaly_cfg = dataclasses.replace(preset.anomaly, w_reconstruction=w)
+            sel, parts = selection_score(
+                detector.fuse(normal, anomaly_cfg),
+                detector.fuse(anomalous, anomaly_cfg),
+                masks,
+                anomaly_cfg,
+            )
+            anomaly_cfg = dataclasses.replace(anomaly_cfg, score=parts["score_kind"])
+            label = f"passes={passes}/{layout} w_rec={w:g} score={parts['score_kind']}"
+            tried[label] = sel
+            echo(f"[{category}] selection {sel:.4f} with {label}")
+            if best is None or sel > best[0]:
+                best = (sel, model_cfg, anomaly_cfg, copy.deepcopy(fitted))
+    sel, model_cfg, anomaly_cfg, fitted = best
+    detector.cfg = model_cfg
+    for kind, norm_state in fitted.items():
+        norms[kind].load_state_dict(norm_state)
+    return dataclasses.replace(preset, model=model_cfg, anomaly=anomaly_cfg), sel, tried
+
+
+def calibrate_model(
+    detector: Detector, prep: Prepared, preset: Preset, device: torch.device
+) -> Calibration:
+    """Threshold and map scale from the calibration split (the selection split when there is
+    none), through the same fused maps and at the same precision scoring uses."""
+    phi = prep.calib_phi if len(prep.calib_phi) else prep.val_normal_phi
+    maps, _ = predict_evidence(detector, phi, preset, device, preset.train.batch_size)
+    fused = detector.fuse(maps, preset.anomaly)
+    scores = image_score(fused, preset.anomaly)
+    return calibrate(scores.numpy(), fused.numpy(), preset.train.target_fpr)
 
 
 def fit(
@@ -306,183 +642,64 @@ def fit(
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     shard: tuple[int, int] | None = None,
 ) -> TrainResult:
-    """Train one TFA-Net on ``data.train`` (normal images only) and calibrate it.
+    """Train one TFA-Net on ``data.train`` (normal images only), choose its inference on the
+    selection split and calibrate it on the calibration split.
 
     For Ray Train (all default to plain in-process training): ``on_checkpoint`` receives the
-    resumable state after every epoch (see :func:`checkpoint_state`), ``resume_state`` continues
-    from such a state, ``wrap_model`` wraps ``detector.net`` for the training forward pass (DDP)
-    and ``shard=(rank, world_size)`` trains on this worker's share of every global batch.
+    resumable state after every epoch (:meth:`TrainState.checkpoint`), ``resume_state``
+    continues from such a state, ``wrap_model`` wraps ``detector.net`` for the training forward
+    pass (DDP) and ``shard=(rank, world_size)`` trains on this worker's share of every batch.
     """
     t_start = time.perf_counter()
-    cfg, tcfg = preset.model, preset.train
+    tcfg = preset.train
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(tcfg.seed)
-    size = cfg.image_size
-
-    paths = check_images(data.train, skip_bad=skip_bad)
-    tpl = template_path(data, template)
-    train_paths, val_paths = split_train_val(paths, tcfg.val_fraction, tcfg.seed)
-    echo(
-        f"[{data.category}] {len(train_paths)} train / {len(val_paths)} held-out normal images, "
-        f"template {tpl}"
-    )
-
-    detector = Detector(cfg, load_image(tpl, size)).to(device)
-    train_images = load_images_uint8(train_paths, size)
-    val = make_validation_set(load_images_uint8(val_paths, size), tcfg.synthetic_per_val, tcfg.seed)
-
-    t_feat = time.perf_counter()
-    train_phi = compute_features(detector, train_images, device)
-    if cfg.standardize_features:
-        mean, std = feature_statistics(train_phi)
-        detector.set_feature_stats(mean.to(device), std.to(device))
-        train_phi = (
-            (train_phi.float() - mean[:, None, None]) / std.clamp_min(1e-6)[:, None, None]
-        ).half()
-    corrupt_phi = None
-    if tcfg.denoise_fraction > 0:
-        corrupt_phi = compute_features(detector, corrupted_copies(train_images, tcfg.seed), device)
-    val_normal_phi = compute_features(detector, val.normal, device)
-    val_anom_phi = compute_features(detector, val.anomalous, device)
-    echo(f"[{data.category}] backbone features cached in {time.perf_counter() - t_feat:.1f}s")
-    del train_images
+    detector = Detector(preset.model).to(device)
+    prep = prepare(data, preset, detector, device, template, skip_bad, echo)
 
     optimizer = torch.optim.AdamW(
         detector.net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay
     )
-    total_steps = tcfg.epochs * math.ceil(len(train_phi) / tcfg.batch_size)
-    generator = torch.Generator().manual_seed(tcfg.seed)
-    history: list[dict] = []
-    best = {"score": -math.inf, "epoch": -1, "state": None}
-    t_train = time.perf_counter()
-    step = 0
-    start_epoch = 0
+    state = TrainState(detector, optimizer, torch.Generator().manual_seed(tcfg.seed))
     if resume_state is not None:  # a restarted worker continues after its last checkpoint
-        start_epoch, step, history, best = restore_state(
-            resume_state, detector, optimizer, generator
-        )
-        t_train -= history[-1]["elapsed_s"] if history else 0.0
+        state.restore(resume_state)
     train_net = wrap_model(detector.net) if wrap_model is not None else None
-    if shard is not None:  # data parallel: each worker draws its own input-token masks
-        torch.manual_seed(tcfg.seed + 1 + shard[0])
-    for epoch in range(start_epoch, tcfg.epochs):
-        detector.train()
-        t_epoch = time.perf_counter()
-        order = torch.randperm(len(train_phi), generator=generator)
-        total, seen = 0.0, 0
-        for i in range(0, len(order), tcfg.batch_size):
-            batch = order[i : i + tcfg.batch_size]
-            if shard is not None:  # data parallel: this worker's share of the global batch
-                batch = shard_batch(batch, *shard)
-            phi = train_phi[batch].to(device).float()
-            phi_in = phi
-            if corrupt_phi is not None:  # these inputs carry a defect; the target stays clean
-                noisy = torch.rand(len(batch)) < tcfg.denoise_fraction
-                if noisy.any():
-                    phi_in = phi.clone()
-                    phi_in[noisy] = corrupt_phi[batch[noisy]].to(device).float()
-            with autocast(device):
-                if train_net is None:
-                    phi_hat = detector.reconstruct(phi_in, mask_ratio=cfg.mask_ratio)
-                else:  # the wrapped (DDP) net; in training mode the same as reconstruct
-                    phi_hat = train_net(phi_in, detector.template_embedding(), cfg.mask_ratio)
-            loss, _ = reconstruction_loss(phi, phi_hat, preset.anomaly)
-            progress = step / total_steps
-            if tcfg.time_budget_s:
-                used = agreed_seconds(time.perf_counter() - t_train, device, shard is not None)
-                progress = max(progress, used / tcfg.time_budget_s)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(tcfg.lr, progress)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            total += loss.detach().item() * len(phi)
-            seen += len(phi)
-        train_time = time.perf_counter() - t_epoch
-
-        detector.eval()
-        sel, parts, val_loss = validate(detector, val, val_normal_phi, val_anom_phi, preset, device)
-        elapsed = time.perf_counter() - t_train
-        eta = elapsed / (epoch + 1) * (tcfg.epochs - epoch - 1)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": total / seen,
-            "val_loss": val_loss,
-            "selection": sel,
-            **parts,
-            "images_per_s": seen / train_time,
-            "elapsed_s": elapsed,
-        }
-        history.append(record)
-        improved = sel > best["score"]
-        if improved:
-            best = {
-                "score": sel,
-                "epoch": epoch + 1,
-                "kind": parts["score_kind"],
-                "state": copy.deepcopy(detector.net.state_dict()),
-            }
-        echo(
-            f"[{data.category}] epoch {epoch + 1}/{tcfg.epochs} loss {record['train_loss']:.4f} "
-            f"val_loss {val_loss:.4f} select {sel:.4f} (img {parts['val_image_auroc']:.3f} "
-            f"pro {parts['val_aupro']:.3f}){' *' if improved else ''} "
-            f"{record['images_per_s']:.1f} img/s ETA {eta / 60:.1f}m"
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(record)
-        if on_checkpoint is not None:
-            on_checkpoint(
-                checkpoint_state(epoch + 1, step, history, best, detector, optimizer, generator)
-            )
-        if tcfg.patience and epoch + 1 - best["epoch"] >= tcfg.patience:
-            echo(f"[{data.category}] early stop: selection flat for {tcfg.patience} epochs")
-            break
-        used = agreed_seconds(elapsed, device, shard is not None) if tcfg.time_budget_s else 0.0
-        if tcfg.time_budget_s and used + used / (epoch + 1) > tcfg.time_budget_s:
-            echo(f"[{data.category}] stopping: time budget of {tcfg.time_budget_s:.0f}s reached")
-            break
-
-    detector.net.load_state_dict(best["state"])
-    detector.eval()
-    preset = dataclasses.replace(
-        preset, anomaly=dataclasses.replace(preset.anomaly, score=best["kind"])
+    train_epochs(
+        state,
+        prep,
+        preset,
+        device,
+        data.category,
+        echo,
+        on_epoch_end,
+        on_checkpoint,
+        train_net,
+        shard,
     )
-    trials = [(p, "lattice") for p in tcfg.try_test_mask_passes]
-    trials += [(p, "blocks") for p in tcfg.try_test_mask_blocks]
-    for passes, layout in trials:
-        if (passes, layout) == (preset.model.test_mask_passes, preset.model.test_mask_layout):
-            continue
-        trial = dataclasses.replace(preset.model, test_mask_passes=passes, test_mask_layout=layout)
-        detector.cfg = trial
-        sel, parts, _ = validate(detector, val, val_normal_phi, val_anom_phi, preset, device)
-        echo(f"[{data.category}] test-time mask passes {passes} ({layout}): selection {sel:.4f}")
-        if sel > best["score"]:
-            best.update(score=sel, kind=parts["score_kind"])
-            preset = dataclasses.replace(
-                preset,
-                model=trial,
-                anomaly=dataclasses.replace(preset.anomaly, score=parts["score_kind"]),
-            )
-        detector.cfg = preset.model
-    maps_n, _ = predict_features(detector, val_normal_phi, preset, device, tcfg.batch_size)
-    scores_n = image_score(maps_n, preset.anomaly)
-    calibration = calibrate(scores_n.numpy(), maps_n.numpy(), tcfg.target_fpr)
+
+    detector.net.load_state_dict(state.best_net)
+    detector.eval()
+    preset, sel, tried = select_inference(state, prep, preset, device, data.category, echo)
+    calibration = calibrate_model(detector, prep, preset, device)
     wall = time.perf_counter() - t_start
     echo(
-        f"[{data.category}] best epoch {best['epoch']} (selection {best['score']:.4f}, "
-        f"image score {best['kind']}); "
-        f"threshold {calibration.threshold:.5g} at FPR {tcfg.target_fpr:g}; {wall:.0f}s"
+        f"[{data.category}] best epoch {state.best_epoch}; inference selected {sel:.4f}: "
+        f"test passes {preset.model.test_mask_passes} ({preset.model.test_mask_layout}), "
+        f"w_rec {preset.anomaly.w_reconstruction:g}, score {preset.anomaly.score}; threshold "
+        f"{calibration.threshold:.5g} at FPR {tcfg.target_fpr:g} from {calibration.num_images} "
+        f"calibration images; {wall:.0f}s"
     )
     return TrainResult(
         detector=detector.cpu(),
         preset=preset,
         calibration=calibration,
-        template_path=tpl,
-        history=history,
-        best_epoch=best["epoch"],
-        selection_score=best["score"],
+        template_path=prep.template_path,
+        history=state.history,
+        best_epoch=state.best_epoch,
+        selection_score=sel,
         wall_time_s=wall,
-        num_train=len(train_paths),
-        num_val=len(val_paths),
+        num_train=len(prep.train_paths),
+        num_val=len(prep.val_paths),
+        num_calib=len(prep.calib_paths),
+        selection=tried,
     )
