@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from tfa_ray.config import get_preset
-from tfa_ray.model import Detector, TFANet, count_parameters, sincos_pos_embed_2d
+from tfa_ray.model import (
+    Attention,
+    Detector,
+    TFANet,
+    count_parameters,
+    dual_masks,
+    sincos_pos_embed_2d,
+)
 
 
 def tiny_net(**kw) -> TFANet:
@@ -61,8 +68,33 @@ def test_masking_changes_the_output_and_zero_ratio_is_deterministic():
     assert not torch.allclose(a, c)
 
 
-def test_output_depends_on_the_input_only_through_the_template_half():
-    """Discarding the input half: the output changes with the input features (via attention)."""
+def _identity_tfam(net: TFANet) -> TFANet:
+    """Zero every TFAM block's residual branches: each block is then the identity, so no token
+    sees another, and what comes out of TFAM is exactly the half the net keeps."""
+    for block in net.tfam:
+        for layer in (block.attn.proj, block.mlp[2]):
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+    return net
+
+
+def test_the_template_half_is_kept_and_the_input_half_discarded():
+    """With a TFAM that lets no token see another, the output is a function of the template
+    tokens alone: keeping the input half instead would make it follow the input and ignore the
+    template (this test fails for that bug)."""
+    torch.manual_seed(0)
+    net = _identity_tfam(tiny_net()).eval()
+    e_t1 = net.embed(torch.randn(1, 12, 16, 16))
+    e_t2 = net.embed(torch.randn(1, 12, 16, 16))
+    phi1, phi2 = torch.randn(1, 12, 16, 16), torch.randn(1, 12, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(net(phi1, e_t1), net(phi2, e_t1), atol=1e-6)  # input: no effect
+        assert not torch.allclose(net(phi1, e_t1), net(phi1, e_t2), atol=1e-3)  # template: does
+
+
+def test_tfam_lets_the_input_reach_the_template_half():
+    """With a working TFAM the kept template tokens attend to the input tokens: a dead TFAM (or
+    one whose attention ignores the input half) fails this."""
     torch.manual_seed(0)
     net = tiny_net().eval()
     e_t = net.embed(torch.randn(1, 12, 16, 16))
@@ -70,6 +102,48 @@ def test_output_depends_on_the_input_only_through_the_template_half():
         out1 = net(torch.randn(1, 12, 16, 16), e_t)
         out2 = net(torch.randn(1, 12, 16, 16), e_t)
     assert not torch.allclose(out1, out2)
+
+
+def test_linear_attention_matches_its_definition():
+    torch.manual_seed(0)
+    attn = Attention(16, 2, "linear")
+    x = torch.randn(2, 5, 16)
+    q, k, v = attn.qkv(x).reshape(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    fq, fk = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+    weights = fq @ fk.transpose(-1, -2)  # (B, H, T, T), non-negative, no softmax
+    expected = (weights / weights.sum(-1, keepdim=True)) @ v
+    expected = attn.proj(expected.transpose(1, 2).reshape(2, 5, 16))
+    assert torch.allclose(attn(x), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="attention"):
+        Attention(16, 2, "cosine")
+
+
+def test_dual_masks_are_complementary_halves_and_per_image_visible_tokens_work():
+    halves = dual_masks(3, 64, torch.device("cpu"))
+    assert halves.shape == (2, 3, 32)
+    for b in range(3):
+        assert sorted(torch.cat([halves[0, b], halves[1, b]]).tolist()) == list(range(64))
+    net = tiny_net().eval()
+    phi = torch.randn(3, 12, 16, 16)
+    e_t = net.embed(torch.randn(1, 12, 16, 16))
+    with torch.no_grad():
+        per_image = net(phi, e_t, visible=halves[0])
+        one = net(phi[1:2], e_t, visible=halves[0, 1])
+    assert torch.allclose(per_image[1:2], one, atol=1e-5)
+
+
+def test_each_input_is_paired_with_its_nearest_template():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_preset("test-tiny").model, num_templates=3)
+    det = Detector(cfg, torch.rand(3, 3, 64, 64)).eval()
+    with torch.no_grad():
+        phi = det.template_phi + 0.01 * torch.randn_like(det.template_phi)
+        assert det.nearest_template(phi[[2, 0, 1]]).tolist() == [2, 0, 1]
+        # in training an input that is a template is paired with another one, never itself
+        paired = det.nearest_template(det.template_phi, exclude_self=True)
+        assert (paired != torch.arange(3)).all()
+        e = det.template_embeddings()
+        assert torch.equal(det.paired_templates(phi[[1]]), e[[1]])
 
 
 def test_positions_are_fixed_and_distinct():
@@ -89,8 +163,8 @@ def test_detector_backbone_is_frozen_and_template_embedding_cached():
     assert not det.backbone.training
     det.eval()
     with torch.no_grad():
-        e1 = det.template_embedding()
-        e2 = det.template_embedding()
+        e1 = det.template_embeddings()
+        e2 = det.template_embeddings()
     assert e1 is e2  # computed once per model at inference
     phi, phi_hat = det(torch.rand(2, 3, 64, 64))
     assert phi.shape == phi_hat.shape == (2, det.backbone.out_channels, 16, 16)
@@ -183,3 +257,12 @@ def test_bf16_precision_on_cpu_is_engaged_and_close_to_fp32(tiny_model_dir):
     model.precision = "fp16"
     with pytest.raises(ValueError, match="precision"):
         model.predict(x)
+
+
+def test_gpu_preset_is_the_paper_network_plus_the_kept_changes():
+    paper, gpu = get_preset("paper").model, get_preset("gpu").model
+    same = ("backbone", "image_size", "feature_size", "patch_size", "tfam_depth", "tfam_dim")
+    same += ("tfam_heads", "fdrm_depth", "fdrm_dim", "fdrm_heads", "mask_ratio", "mask_mode")
+    assert all(getattr(paper, f) == getattr(gpu, f) for f in same)
+    assert (paper.num_templates, paper.gaussian_size, paper.input_dropout) == (1, 0, 0.0)
+    assert gpu.num_templates > 1 and gpu.gaussian_size > 0 and gpu.input_dropout > 0

@@ -13,7 +13,7 @@ from tfa_ray.data import BadImagesError, discover
 from tfa_ray.evaluation import evaluate_model
 from tfa_ray.package import load_model, save_model
 from tfa_ray.synth import make_dataset
-from tfa_ray.training import learning_rate, split_train_val
+from tfa_ray.training import learning_rate, split_normals, split_train_val
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,10 @@ def trained(synth_root):
         anomaly__score="auto",
         train__try_test_mask_passes=(4,),
         train__try_test_mask_blocks=(4,),
+        model__num_templates=2,
+        model__gaussian_size=8,
+        model__gaussian_channels=16,
+        train__try_fusion_weights=(0.0, 0.5),
     )
     from tfa_ray.training import fit
 
@@ -57,6 +61,18 @@ def test_split_is_seeded_disjoint_and_complete():
     assert split_train_val(paths, 0.1, seed=1) != (train, val)
 
 
+def test_three_way_split_keeps_calibration_apart_from_selection():
+    paths = [f"img{i:03d}.png" for i in range(60)]
+    train, val, calib = split_normals(paths, 0.1, 0.1, seed=0)
+    assert (len(train), len(val), len(calib)) == (48, 6, 6)
+    assert sorted(train + val + calib) == paths
+    assert not (set(train) & set(val) or set(train) & set(calib) or set(val) & set(calib))
+    assert split_normals(paths, 0.1, 0.1, seed=0) == (train, val, calib)
+    assert split_normals(paths, 0.1, 0.0, seed=0)[2] == []  # no calibration split
+    with pytest.raises(ValueError, match="at least 3"):
+        split_normals(paths[:2], 0.1, 0.1, seed=0)
+
+
 def test_learning_rate_warms_up_and_anneals():
     assert learning_rate(1e-3, 0.0) < 1e-4
     assert learning_rate(1e-3, 0.05) == pytest.approx(1e-3)
@@ -69,14 +85,20 @@ def test_fit_trains_selects_on_normal_images_and_calibrates(trained):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert 1 <= result.best_epoch <= 3
     best = result.history[result.best_epoch - 1]["selection"]
-    assert best == max(e["selection"] for e in result.history) == result.selection_score
+    assert best == max(e["selection"] for e in result.history)
+    best_inference = result.selection_score
     assert result.preset.anomaly.score in ("std", "max", "topk")  # "auto" resolved
     assert result.preset.model.test_mask_passes in (0, 4)
     assert result.preset.model.test_mask_layout in ("lattice", "blocks")
+    assert result.preset.anomaly.w_reconstruction in (0.0, 0.5, 1.0)
+    # every (test passes, fusion weight) pair was tried on the selection split, the best kept
+    assert len(result.selection) == 3 * 3 and max(result.selection.values()) == best_inference
     assert result.detector.cfg == result.preset.model
-    assert result.num_val >= 1 and result.num_train + result.num_val == len(data.train)
+    assert result.num_val >= 1 and result.num_calib >= 1
+    assert result.num_train + result.num_val + result.num_calib == len(data.train)
     cal = result.calibration
-    assert cal.num_images == result.num_val and cal.threshold > 0
+    assert cal.num_images == result.num_calib and cal.threshold > 0
+    assert cal.supported_fpr == pytest.approx(1 / (result.num_calib + 1))
     # The template is the first normal training image by sorted name (the paper's choice).
     assert result.template_path == sorted(data.train)[0]
 
@@ -89,11 +111,8 @@ def test_package_round_trip_gives_identical_scores(trained, tmp_path):
     images = torch.rand(2, 3, 64, 64)
     result.detector.eval()
     with torch.no_grad():
-        phi, phi_hat = result.detector(images)
+        expected = result.detector.anomaly_maps(images, result.preset.anomaly)
     maps, scores = model.predict(images)
-    from tfa_ray.anomaly import anomaly_map
-
-    expected = anomaly_map(phi, phi_hat, 64, result.preset.anomaly)
     assert torch.allclose(maps, expected, atol=1e-5)
     assert model.calibration == result.calibration
     assert model.meta["category"] == "texture"
@@ -133,7 +152,7 @@ def test_bad_training_image_stops_training_with_every_bad_file_listed(synth_root
         fit(data, preset, echo=lambda s: None)
     assert "zz_empty.png" in str(err.value) and "zz_text.png" in str(err.value)
     result = fit(data, preset, skip_bad=True, echo=lambda s: None)
-    assert result.num_train + result.num_val == len(data.train) - 2
+    assert result.num_train + result.num_val + result.num_calib == len(data.train) - 2
 
 
 def test_cli_synth_train_evaluate(tmp_path, capsys):

@@ -98,12 +98,17 @@ def greedy_coreset(
     z = x.float()
     if z.shape[1] > proj_dim:
         z = z @ (torch.randn(z.shape[1], proj_dim, generator=g) / proj_dim**0.5)
+    sq = z.pow(2).sum(1)
+
+    def dist_to(i: int) -> torch.Tensor:  # |z - z_i|^2 as one matrix-vector product
+        return (sq - 2 * (z @ z[i]) + sq[i]).clamp_min(0)
+
     chosen = torch.empty(k, dtype=torch.long)
     chosen[0] = int(torch.randint(n, (1,), generator=g)) if start is None else start
-    dist = (z - z[chosen[0]]).pow(2).sum(1)
+    dist = dist_to(int(chosen[0]))
     for i in range(1, k):
         chosen[i] = int(dist.argmax())
-        dist = torch.minimum(dist, (z - z[chosen[i]]).pow(2).sum(1))
+        dist = torch.minimum(dist, dist_to(int(chosen[i])))
     return chosen
 
 

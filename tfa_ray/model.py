@@ -349,9 +349,10 @@ class Detector(nn.Module):
         ``statistics``) the Gaussian's Mahalanobis distance where the model has one."""
         S = self.cfg.image_size
         phi_hat = self.reconstruct(phi) if phi_hat is None else phi_hat
-        maps = {"reconstruction": anomaly_map(phi, phi_hat, S, cfg)}
-        if statistics and self.gaussian is not None:
-            maps["gaussian"] = to_image(self.gaussian(phi.float()), S, cfg)
+        with torch.autocast(phi.device.type, enabled=False):  # maps in fp32 at any precision
+            maps = {"reconstruction": anomaly_map(phi, phi_hat, S, cfg)}
+            if statistics and self.gaussian is not None:
+                maps["gaussian"] = to_image(self.gaussian(phi.float()), S, cfg)
         return maps
 
     def fuse(self, maps: dict[str, torch.Tensor], cfg: AnomalyConfig) -> torch.Tensor:

@@ -1,0 +1,118 @@
+"""Statistical evidence (per-position Gaussian, coreset kNN), map normalisation, fusion, the
+hard-mined loss and the large synthetic defects."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tfa_ray import synth
+from tfa_ray.anomaly import hard_mined_mean, reconstruction_loss
+from tfa_ray.config import AnomalyConfig, get_preset
+from tfa_ray.evidence import GaussianEvidence, KNNEvidence, MapNorm, greedy_coreset
+from tfa_ray.model import Detector
+from tfa_ray.training import token_weights
+
+
+def test_gaussian_is_the_mahalanobis_distance_of_each_position():
+    torch.manual_seed(0)
+    C, S = 6, 4
+    mix = torch.randn(C, C)
+    normals = torch.randn(400, S * S, C) @ mix + torch.arange(S * S)[None, :, None] * 0.5
+    phi = normals.permute(0, 2, 1).reshape(400, C, S, S)
+    g = GaussianEvidence(C, S, shrinkage=0.0).fit([phi[:200], phi[200:]])
+    x = torch.randn(2, C, S, S) * 3
+    d = g(x)
+    p = 5
+    sample = normals[:, p].double()
+    mean = sample.mean(0)
+    cov = torch.cov(sample.T, correction=0)
+    diff = x[:, :, p // S, p % S].double() - mean
+    expected = torch.einsum("bc,cd,bd->b", diff, torch.linalg.inv(cov), diff).sqrt()
+    assert torch.allclose(d[:, p // S, p % S].double(), expected, rtol=1e-3)
+    # a deviation of ordinary Euclidean size, but along the direction normals never vary in,
+    # scores far above normal ones (the Euclidean distance would not tell them apart)
+    evals, evecs = torch.linalg.eigh(torch.cov(normals[:, 6].T))
+    shifted = phi[:1].clone()
+    shifted[0, :, 1, 2] = normals[:, 6].mean(0) + evecs[:, 0] * evals[-1].sqrt()
+    assert g(shifted)[0, 1, 2] > 5 * g(phi[:50]).mean()
+
+
+def test_gaussian_channel_subset_is_seeded_and_shrinkage_keeps_it_invertible():
+    g1, g2 = GaussianEvidence(20, 2, channels=5), GaussianEvidence(20, 2, channels=5)
+    assert torch.equal(g1.channel_index, g2.channel_index) and len(g1.channel_index) == 5
+    few = torch.randn(3, 20, 2, 2)  # 3 samples cannot determine a 5 x 5 covariance
+    g1.fit([few])
+    assert torch.isfinite(g1(torch.randn(1, 20, 2, 2))).all()
+    with pytest.raises(ValueError, match="two"):
+        GaussianEvidence(20, 2).fit([torch.randn(1, 20, 2, 2)])
+
+
+def test_knn_distance_is_zero_on_the_bank_and_grows_away_from_it():
+    torch.manual_seed(0)
+    phi = torch.randn(8, 4, 4, 4)
+    knn = KNNEvidence(4, 4, memory=10_000, local=1).fit([phi])  # the bank keeps every patch
+    assert knn(phi[:2]).abs().max() < 1e-3
+    assert (knn(phi[:2] + 10.0) > 5.0).all()
+
+
+def test_greedy_coreset_picks_the_farthest_points_first():
+    x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [10.0, 0.0], [0.0, 5.0], [0.05, 0.05]])
+    assert greedy_coreset(x, 3, start=0).tolist() == [0, 2, 3]
+
+
+def test_map_norm_puts_normal_median_at_zero_and_its_quantile_at_one():
+    normal = torch.arange(1000.0).reshape(10, 10, 10)
+    norm = MapNorm(q=0.9).fit(normal)
+    assert norm(torch.tensor([499.5, 899.1])).tolist() == pytest.approx([0.0, 1.0], abs=1e-3)
+
+
+def test_fusion_weights_each_normalised_map():
+    cfg = dataclasses.replace(get_preset("test-tiny").model, gaussian_size=4, gaussian_channels=8)
+    det = Detector(cfg)
+    det.reconstruction_norm.fit(torch.tensor([0.0, 1.0, 2.0]))  # median 1
+    det.gaussian_norm.fit(torch.tensor([10.0, 20.0, 30.0]))  # median 20
+    maps = {"reconstruction": torch.full((1, 2, 2), 3.0), "gaussian": torch.full((1, 2, 2), 20.0)}
+    a = AnomalyConfig(w_reconstruction=0.5)
+    rec = det.reconstruction_norm(maps["reconstruction"])
+    assert torch.allclose(det.fuse(maps, a), 0.5 * rec)  # the Gaussian sits at its median
+    only_gauss = det.fuse(maps, AnomalyConfig(w_reconstruction=0.0))
+    assert torch.allclose(only_gauss, torch.zeros(1, 2, 2))
+    plain = Detector(get_preset("test-tiny").model)  # no Gaussian: the paper's map, unscaled
+    assert plain.fuse({"reconstruction": maps["reconstruction"]}, a) is maps["reconstruction"]
+
+
+def test_hard_mining_scales_the_easiest_points_down():
+    term = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert hard_mined_mean(term, 0.0) == term.mean()
+    # the 3 easiest count 0.1: (0.1 * 6 + 14) / (0.3 + 2)
+    assert hard_mined_mean(term, 0.6) == pytest.approx((0.1 * 6 + 14) / 2.3)
+    phi = torch.randn(2, 4, 3, 3)
+    weight = torch.zeros(2, 3, 3)
+    weight[:, 0, 0] = 1
+    bad = phi.clone()
+    bad[:, :, 1:, 1:] = 0  # wrong only where the weight is 0
+    loss, _ = reconstruction_loss(phi, bad, AnomalyConfig(), weight)
+    assert loss.item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_token_weights_mark_the_hidden_tokens():
+    visible = torch.tensor([[0, 3]])
+    w = token_weights(visible, grid=2, patch=2)
+    assert w.shape == (1, 4, 4)
+    assert w[0, :2, :2].eq(0).all() and w[0, 2:, 2:].eq(0).all()
+    assert w[0, :2, 2:].eq(1).all() and w[0, 2:, :2].eq(1).all()
+
+
+@pytest.mark.parametrize("kind", synth.LARGE_KINDS)
+def test_large_synthetic_defects_cover_a_tenth_to_a_half_of_the_image(kind):
+    rng = np.random.default_rng(0)
+    img = synth.make_image("texture", 128, rng)
+    areas = []
+    for seed in range(6):
+        out, mask = synth.paint_defect(img, np.random.default_rng(seed), kind)
+        assert (out != img).any(axis=2)[mask].all()  # every masked pixel changed
+        assert not (out != img).any(axis=2)[~mask].any()  # nothing outside the mask
+        areas.append(mask.mean())
+    assert 0.05 < min(areas) and max(areas) < 0.5
