@@ -76,10 +76,15 @@ def evidence_rows(result, data, base: dict, name: str, focus: str) -> list[dict]
     weights = {"selected": w}
     if "gaussian" in evidence:
         weights.update({"rec alone": 1.0, "gauss alone": 0.0})
+        # the other fusion weights the selection set ranked: a diagnostic that reads test
+        # labels (not a result; the selected row is the only one chosen without them)
+        for tried in preset.train.try_fusion_weights:
+            if tried not in weights.values():
+                weights[f"diag w={tried:g}"] = tried
     rows = []
     for label, weight in weights.items():
         if label != "selected" and weight == w:
-            continue
+            continue  # that is the selected row
         cfg = dataclasses.replace(preset.anomaly, w_reconstruction=weight)
         fused = det.fuse(evidence, cfg)
         scores = image_score(fused, cfg).numpy()

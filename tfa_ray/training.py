@@ -330,15 +330,14 @@ class TrainState:
     best_net: dict | None = None
 
     def checkpoint(self) -> dict:
-        """The state after ``epoch``. The best weights travel only when they are not the
-        current ones (the usual case once training has converged is a second full copy)."""
-        current = self.best_epoch == self.epoch
+        """The state after ``epoch``; ``best_state`` is the best epoch's weights, which a
+        checkpoint writer stores once per improvement, not in every checkpoint."""
         return {
             "epoch": self.epoch,
             "step": self.step,
             "history": copy.deepcopy(self.history),
             "best": {"score": self.best_score, "epoch": self.best_epoch, "kind": self.best_kind},
-            "best_net": {} if current or self.best_net is None else self.best_net,
+            "best_state": self.best_net or {},
             "net": self.detector.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
@@ -353,10 +352,7 @@ class TrainState:
         best = state["best"]
         self.best_score, self.best_epoch = float(best["score"]), int(best["epoch"])
         self.best_kind = str(best["kind"])
-        if state["best_net"]:
-            self.best_net = state["best_net"]
-        elif self.best_epoch == self.epoch:
-            self.best_net = copy.deepcopy(state["net"])
+        self.best_net = state.get("best_state") or None
 
     def record_best(self, score: float, kind: str) -> bool:
         if score <= self.best_score:
