@@ -134,3 +134,39 @@ def tiny_model_dir(tmp_path_factory) -> str:
         {"category": "texture", "version": 3},
     )
     return out
+
+
+@pytest.fixture
+def failing_train_loop():
+    """``failing_train_loop(epoch)``: the Ray Train worker body, but rank 0 of the first attempt
+    dies right after reporting that epoch's checkpoint (the restarted group has a checkpoint
+    and runs normally). A closure, so Ray ships it by value to workers that cannot import tests.
+    """
+
+    def make(epoch: int):
+        def loop(config: dict) -> None:
+            import os
+            import time
+
+            import ray.train
+
+            from tfa_ray.train_ray import worker_loop
+
+            first = ray.train.get_checkpoint() is None
+            if first and ray.train.get_context().get_world_rank() == 0:
+                report = ray.train.report
+
+                def report_then_die(metrics, checkpoint=None, **kw):
+                    report(metrics, checkpoint=checkpoint, **kw)
+                    if checkpoint is not None and metrics.get("epoch") == epoch:
+                        # the controller takes reports off the worker's queue every health
+                        # check (2 s): give it time to register this checkpoint before dying
+                        time.sleep(5.0)
+                        os._exit(1)
+
+                ray.train.report = report_then_die
+            worker_loop(config)
+
+        return loop
+
+    return make

@@ -200,11 +200,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from tfa_ray.scoring import run_from_args
+def run_score(args: argparse.Namespace):
+    """Score, then the report and the JSON summary when asked (``tfa-ray score``, jobs/score.py)."""
+    from tfa_ray.report import write_report
+    from tfa_ray.scoring import config_from_args, score
 
-    summary = run_from_args(args)
-    return 0 if summary.total else 1
+    cfg, resolver = config_from_args(args)
+    summary = score(cfg, resolver)
+    if args.report:
+        write_report(summary.run_dir, args.report, endpoint_url=cfg.endpoint_url)
+        print(f"report written to {args.report}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary.to_dict(), f, indent=2)
+    return summary
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    return 0 if run_score(args).total else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
