@@ -170,3 +170,98 @@ def failing_train_loop():
         return loop
 
     return make
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of a real service (moto's S3, an ``mlflow server``)
+    that answers chosen requests itself instead of forwarding them.
+
+    ``fail(method, path)`` decides per request: None forwards it, ``"slowdown"`` answers S3's
+    ``503 SlowDown``, ``"unavailable"`` answers ``503`` with an empty body. ``counts`` says
+    how often each answer was given.
+    """
+
+    def __init__(self, target: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.fail = lambda method, path: None
+        self.counts: dict[str, int] = {"forwarded": 0, "slowdown": 0, "unavailable": 0}
+        self._lock = threading.Lock()
+        target_netloc = urlsplit(target).netloc
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _answer(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                if self.command == "HEAD":
+                    length = dict((k.lower(), v) for k, v in headers).get("content-length", "0")
+                    self.send_header("Content-Length", length)
+                else:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _handle(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                verdict = proxy.fail(self.command, self.path)
+                with proxy._lock:
+                    proxy.counts[verdict or "forwarded"] += 1
+                if verdict == "slowdown":
+                    xml = (
+                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                        b"<Message>Please reduce your request rate.</Message></Error>"
+                    )
+                    self._answer(503, xml, [("Content-Type", "application/xml")])
+                    return
+                if verdict == "unavailable":
+                    self._answer(503, b"", [])
+                    return
+                conn = http.client.HTTPConnection(target_netloc, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                    headers["Host"] = target_netloc
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    self._answer(resp.status, data, resp.getheaders())
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fault_proxy():
+    """``fault_proxy(target_url)`` -> a :class:`FaultProxy`, closed after the test."""
+    proxies: list[FaultProxy] = []
+
+    def make(target: str) -> FaultProxy:
+        proxies.append(FaultProxy(target))
+        return proxies[-1]
+
+    yield make
+    for p in proxies:
+        p.close()
