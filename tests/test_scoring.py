@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -374,8 +375,14 @@ def test_cli_score_and_report(ray_cluster, tiny_model_dir, tmp_path, capsys):
         ]
     )  # fmt: skip
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "4 images, 3 ok, 1 errors" in printed
+    # a console a person can read: one progress line, the log file named at the end
+    assert re.search(r"scored 4/4 images, [\d.]+ images/s, ETA 0s", printed)
+    assert "Progress bars" not in printed + captured.err and "%|" not in printed + captured.err
+    log_file = re.search(r"^logs: (\S+)", printed, re.M).group(1)
+    assert "shard category=texture/part-00000.parquet written: 4 rows" in Path(log_file).read_text()
     assert (tmp_path / "run.html").read_text().count("data:image/png;base64,") == 3
     rc = main(["report", "--results", str(out), "--output", str(tmp_path / "all.html")])
     assert rc == 0 and "texture" in (tmp_path / "all.html").read_text()

@@ -91,6 +91,8 @@ def client(uri: str | None = None):
     """An ``MlflowClient`` for tracking and registry at ``uri`` (see :func:`tracking_uri`)."""
     from mlflow.tracking import MlflowClient
 
+    # no download progress bars: every scorer actor would draw its own on the driver's console
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 

@@ -5,6 +5,7 @@ package registered as ``<prefix><category>`` (alias ``candidate``) through :mod:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -122,13 +123,21 @@ def log_training(
             shutil.copytree(package_dir, staged)
             mlflow.set_tracking_uri(uri)
             mlflow.set_registry_uri(uri)
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=code,
-                    artifacts={PACKAGE_ARTIFACT: staged},
-                    pip_requirements=_requirements(),
-                )
+            # MLflow cannot infer a signature from a DataFrame type hint and says so; the
+            # wrapper takes any column of paths or bytes on purpose
+            pyfunc_log = logging.getLogger("mlflow.pyfunc")
+            level = pyfunc_log.level
+            pyfunc_log.setLevel(logging.ERROR)
+            try:
+                with mlflow.start_run(run_id=run_id):
+                    info = mlflow.pyfunc.log_model(
+                        name="model",
+                        python_model=code,
+                        artifacts={PACKAGE_ARTIFACT: staged},
+                        pip_requirements=_requirements(),
+                    )
+            finally:
+                pyfunc_log.setLevel(level)
         mv = mlflow.register_model(info.model_uri, name, tags={"category": category})
         version = int(mv.version)
         vtags = {

@@ -60,9 +60,7 @@ def _pipeline(
     from tfa_ray.ray_env import init_ray
 
     init_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the driver prints one progress line instead
-    ctx.print_on_execution_start = False
+    _quiet_ray_data()
     rows = [
         {"file": s["file"], "category": s["category"] or "", "paths": json.dumps(s["paths"])}
         for s in todo
@@ -116,6 +114,21 @@ def _pipeline(
         },
     )
     yield from ds.iter_rows()
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's progress table and INFO lines off the console (they stay in Ray's
+    ``ray-data.log``): the driver prints one progress line of its own instead."""
+    import ray.data
+    from ray.util.debug import log_once
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    log_once("ray_data_progress_manager_disabled")  # "progress bars disabled": we know
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)
 
 
 class Progress:
