@@ -178,7 +178,7 @@ class FaultProxy:
 
     ``fail(method, path)`` decides per request: None forwards it, ``"slowdown"`` answers S3's
     ``503 SlowDown``, ``"unavailable"`` answers ``503`` with an empty body. ``counts`` says
-    how often each answer was given.
+    how often each answer was given; ``keys`` the access key ids the requests were signed with.
     """
 
     def __init__(self, target: str):
@@ -189,6 +189,7 @@ class FaultProxy:
 
         self.fail = lambda method, path: None
         self.counts: dict[str, int] = {"forwarded": 0, "slowdown": 0, "unavailable": 0}
+        self.keys: set[str] = set()
         self._lock = threading.Lock()
         target_netloc = urlsplit(target).netloc
         proxy = self
@@ -217,8 +218,11 @@ class FaultProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
                 verdict = proxy.fail(self.command, self.path)
+                auth = self.headers.get("Authorization") or ""
                 with proxy._lock:
                     proxy.counts[verdict or "forwarded"] += 1
+                    if "Credential=" in auth:
+                        proxy.keys.add(auth.split("Credential=", 1)[1].split("/", 1)[0])
                 if verdict == "slowdown":
                     xml = (
                         b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
