@@ -161,6 +161,30 @@ def test_relative_manifest_paths_are_joined_to_the_root(tmp_path):
     assert entries[0][0] == "s3://arch/day/bolt/a.png"
 
 
+def test_scorer_tries_a_failed_model_load_again(tiny_model_dir, tmp_path):
+    """A failed load is not kept for the actor's lifetime: the shard's rows are transient errors
+    and the next shard loads the model (the stages called directly, without Ray)."""
+    paths = good_archive(tmp_path, 2)
+    local = scoring.LocalResolver({"texture": tiny_model_dir})
+    calls = []
+
+    def flaky(category, alias="champion", version=None):
+        calls.append(version)
+        if len(calls) == 1:
+            raise ConnectionError("registry blip")
+        return local(category, alias, version)
+
+    models = {"texture": {"name": "tfa-texture", "version": 3, "image_size": 64}}
+    shard = {"file": ["f"], "category": ["texture"], "paths": [json.dumps(paths)]}
+    batch = scoring.decode_shard(shard, models, None, None)
+    scorer = scoring.ShardScorer(flaky, pinned={"texture": 3}, retry_after_s=0.0)
+    first = json.loads(scorer(batch)["items"][0])
+    assert [(it["status"], it["error_kind"]) for it in first] == [("error", "transient")] * 2
+    assert "registry blip" in first[0]["error"]
+    second = json.loads(scorer(batch)["items"][0])
+    assert [it["status"] for it in second] == ["ok", "ok"] and calls == [3, 3]
+
+
 # --------------------------------------------------------------------------------------
 # pipeline tests
 
@@ -265,7 +289,7 @@ def test_scorer_actor_killed_mid_run(ray_cluster, tiny_model_dir, tmp_path):
         ),
         scoring.LocalResolver({"texture": tiny_model_dir}),
         echo=lambda _m: None,
-        stages_=scoring.Stages(scorer=scorer),
+        stages=scoring.Stages(scorer=scorer),
     )
     assert marker.exists(), "the fault was never injected"
     out = scoring.read_results(summary.run_dir, columns=["path", "status"]).to_pylist()
@@ -284,7 +308,7 @@ def slow_write(batch, **kw):
 p = argparse.ArgumentParser()
 scoring.add_score_arguments(p)
 cfg, resolver = scoring.config_from_args(p.parse_args())
-scoring.score(cfg, resolver, stages_=scoring.Stages(write=slow_write))
+scoring.score(cfg, resolver, stages=scoring.Stages(write=slow_write))
 """
 
 

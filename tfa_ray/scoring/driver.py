@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from tfa_ray import storage
-from tfa_ray.scoring import stages
 from tfa_ray.scoring.config import RunSummary, ScoreConfig
 from tfa_ray.scoring.contract import SUCCESS_FILE, run_dir_url, verify
 from tfa_ray.scoring.models import RegistryResolver, Resolver
 from tfa_ray.scoring.plan import load_or_make_plan, pending_shards
+from tfa_ray.scoring.stages import ShardScorer, decode_shard, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ DECODE_MAX_CALLS = 1000  # shards a decode worker process handles before it is r
 class Stages:
     """The pipeline's three stages (tests hand in subclasses / wrappers to inject faults)."""
 
-    decode: Callable[..., dict] = stages.decode_shard
-    scorer: type = stages.ShardScorer
-    write: Callable[..., dict] = stages.write_shard
+    decode: Callable[..., dict] = decode_shard
+    scorer: type = ShardScorer
+    write: Callable[..., dict] = write_shard
 
 
 def _new_run_id() -> str:
@@ -155,7 +155,7 @@ def score(
     cfg: ScoreConfig,
     resolver: Resolver | None = None,
     echo: Callable[[str], None] = print,
-    stages_: Stages | None = None,
+    stages: Stages | None = None,
 ) -> RunSummary:
     """Score ``cfg.input`` into ``cfg.output``; resumes a run whose run id already exists."""
     t0 = time.perf_counter()
@@ -178,7 +178,7 @@ def score(
     peak_rss = 0.0
     if todo:
         progress = Progress(sum(len(s["paths"]) for s in todo), echo)
-        for row in _pipeline(cfg, plan, todo, run_dir, resolver, stages_ or Stages()):
+        for row in _pipeline(cfg, plan, todo, run_dir, resolver, stages or Stages()):
             pids["decode"].add(int(row["decode_pid"]))
             pids["score"].add(int(row["score_pid"]))
             peak_rss = max(peak_rss, float(row["score_rss_mb"]))
