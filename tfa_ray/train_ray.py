@@ -7,15 +7,15 @@ tensors, so the sharding that ``prepare_data_loader``'s DistributedSampler would
 the batch indices directly). Every epoch the resumable state (weights, optimiser, epoch and
 step counters, RNG, best-so-far record, history) is written as a checkpoint to
 ``RunConfig(storage_path)``, of which Ray keeps the last ``CHECKPOINTS_KEPT``; the best weights
-are written beside them (``<storage>/<run>/best/epoch-<n>.safetensors``) only in the epochs
-where they improve, not copied into every checkpoint; the checkpoint names the epoch.
+are written beside them only in the epochs where they improve (:mod:`tfa_ray.checkpoints`), not
+copied into every checkpoint.
 After a worker dies, ``FailureConfig(max_failures)`` restarts the group and it continues from
 the last checkpoint (loaded onto the CPU, so a GPU checkpoint resumes anywhere). The last
 report carries the tfa-ray model package.
 
 The driver side (:func:`train_categories`) checks inputs before any worker starts, runs the
 categories concurrently (threads, each blocking on its own trainer), evaluates each model on its
-test split, and logs / registers it through :mod:`tfa_ray.registry`. A failing category never
+test split, and logs / registers it through :mod:`tfa_ray.tracking`. A failing category never
 stops the others; its outcome carries one error line.
 """
 
@@ -113,35 +113,13 @@ def _storage(settings: RaySettings):
 # the worker loop
 
 
-def _best_url(best_dir: str, epoch: int) -> str:
-    from tfa_ray import storage
-
-    return storage.join(best_dir, f"epoch-{int(epoch):05d}.safetensors")
-
-
-def _save_best(url: str, state: dict) -> None:
-    from safetensors.torch import save
-
-    from tfa_ray import storage
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    storage.write_bytes(url, save(tensors))
-
-
-def _load_best(url: str) -> dict:
-    from safetensors.torch import load
-
-    from tfa_ray import storage
-
-    return load(storage.read_bytes(url))
-
-
 def worker_loop(config: dict) -> None:
     """Body of every Ray Train worker: ``fit`` with checkpoints, resume and DDP."""
     import torch
     from ray import train
     from ray.train import Checkpoint
 
+    from tfa_ray.checkpoints import BestWeights
     from tfa_ray.config import preset_from_json
     from tfa_ray.data import discover
     from tfa_ray.package import save_model
@@ -155,21 +133,16 @@ def worker_loop(config: dict) -> None:
     preset = preset_from_json(config["preset"])
     data = discover(config["data"], config["category"])
 
-    best_dir = config["best_dir"]
+    best = BestWeights(config["best_dir"])
     resume = None
     ckpt = train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
         if resume["best"].get("epoch", -1) > 0:  # the best weights live beside the checkpoints
-            keep = _best_url(best_dir, resume["best"]["epoch"])
-            resume["best_state"] = _load_best(keep)
-            if rank == 0:  # files a crash left behind (written, never named by a checkpoint)
-                from tfa_ray import storage
-
-                for f in storage.list_files(best_dir, (".safetensors",)):
-                    if f != storage.normalize(keep):
-                        storage.remove(f)
+            resume["best_state"] = best.load(resume["best"]["epoch"])
+            if rank == 0:
+                best.keep_only(resume["best"]["epoch"])
         print(f"[{data.category}] rank {rank}: resuming after epoch {resume['epoch']}")
     resumed_from = int(resume["epoch"]) if resume else 0
     saved_best = [resume["best"].get("epoch", -1) if resume else -1]
@@ -183,15 +156,13 @@ def worker_loop(config: dict) -> None:
         best_state = state.pop("best_state", None)
         previous, best_epoch = saved_best[0], state["best"].get("epoch", -1)
         if best_epoch != previous and best_state:
-            _save_best(_best_url(best_dir, best_epoch), best_state)  # before the checkpoint
+            best.save(best_epoch, best_state)  # before the checkpoint that names it
             saved_best[0] = best_epoch
         with tempfile.TemporaryDirectory(prefix="tfa-ckpt-") as d:
             torch.save(state, os.path.join(d, "state.pt"))
             train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         if saved_best[0] != previous and previous > 0:  # no checkpoint to resume names it now
-            from tfa_ray import storage
-
-            storage.remove(_best_url(best_dir, previous))
+            best.remove(previous)
 
     wrap = None
     if world > 1:
