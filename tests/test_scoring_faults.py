@@ -11,6 +11,7 @@ import threading
 import uuid
 
 import numpy as np
+import pytest
 from PIL import Image
 from test_services import mlflow_server  # noqa: F401 - the fixture, shared
 
@@ -86,6 +87,7 @@ def test_s3_throttling_and_a_read_that_outlasts_the_retries(
     assert [m for m in markers if "/_retry/" in m] == []  # no shard left to retry
 
 
+@pytest.mark.services  # an `mlflow server` process
 def test_registry_unreachable_while_planning_then_back(
     ray_cluster,
     tiny_model_dir,
