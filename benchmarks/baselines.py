@@ -23,7 +23,8 @@ from tfa_ray.data import CategoryData, check_images, discover, load_image, load_
 from tfa_ray.evidence import GaussianEvidence, KNNEvidence
 from tfa_ray.metrics import aupro, evaluate, image_auroc, pixel_auroc
 from tfa_ray.model import Detector
-from tfa_ray.training import compute_features, feature_statistics, split_normals
+from tfa_ray.selection import split_normals
+from tfa_ray.training import compute_features, feature_statistics
 
 BATCH = 16
 

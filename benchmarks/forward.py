@@ -1,4 +1,5 @@
-"""Paper preset: trainable parameters and CPU forward time per image.
+"""Paper preset: trainable parameters, the size of a training checkpoint, and CPU forward time
+per image.
 
 Times the whole inference path a scorer runs (backbone on the input, TFA-Net, anomaly map and
 score) with the template path cached, at batch 1 and 8, in fp32 and, where the CPU supports
@@ -26,12 +27,25 @@ import torch
 from tfa_ray.anomaly import anomaly_map, image_score
 from tfa_ray.config import get_preset
 from tfa_ray.model import Detector, count_parameters
+from tfa_ray.package import autocast
+from tfa_ray.train_ray import CHECKPOINTS_KEPT
+
+CPU = torch.device("cpu")
+
+
+def checkpoint_sizes(det: Detector) -> dict[str, int]:
+    """Bytes of what Ray Train stores per category: the per-epoch checkpoint (TFA-Net weights
+    and Adam's two moments per trainable parameter) and the best weights (written only when
+    they improve). Computed from the tensors, so no multi-GB file is written."""
+    net = sum(v.numel() * v.element_size() for v in det.net.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in det.net.parameters() if p.requires_grad)
+    return {"net": net, "adam": moments, "epoch": net + moments, "best": net}
 
 
 def time_forward(det: Detector, preset, batch: int, repeats: int, bf16: bool) -> float:
     x = torch.rand(batch, 3, preset.model.image_size, preset.model.image_size)
     times = []
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), autocast("bf16" if bf16 else "fp32", CPU):
         for i in range(repeats + 1):
             t = time.perf_counter()
             phi, phi_hat = det(x)
@@ -49,7 +63,7 @@ def bf16_agreement(det: Detector, preset, paths: list[str]) -> tuple[float, floa
     x = torch.stack([load_image(p, preset.model.image_size) for p in paths])
     out = {}
     for bf16 in (False, True):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), autocast("bf16" if bf16 else "fp32", CPU):
             maps = torch.cat(
                 [
                     anomaly_map(*det(x[i : i + 4]), preset.model.image_size, preset.anomaly)
@@ -104,6 +118,14 @@ def main() -> None:
         f"({det.backbone.out_channels} channels at {preset.model.feature_size}^2), "
         f"trainable parameters {count_parameters(det.net):,} "
         f"(TFA-Net without backbone), torch threads {torch.get_num_threads()}"
+    )
+    size = checkpoint_sizes(det)
+    gb = 1e9
+    print(
+        f"checkpoint per epoch {size['epoch'] / gb:.2f} GB (weights {size['net'] / gb:.2f} + Adam "
+        f"moments {size['adam'] / gb:.2f}), Ray keeps the last {CHECKPOINTS_KEPT}; best weights "
+        f"{size['best'] / gb:.2f} GB, written only when they improve (before: "
+        f"{(size['epoch'] + size['best']) / gb:.2f} GB uploaded every epoch)"
     )
     print(f"{'batch':>5} {'precision':>9} {'s/image':>9} {'images/s':>9}")
     for batch in [int(b) for b in args.batches.split(",")]:

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tfa_ray.package import PRECISIONS
+
 
 def make_archive(root: str, n: int, seed: int = 0) -> list[str]:
     from tfa_ray.synth import make_image
@@ -133,7 +135,7 @@ def main() -> None:
     p.add_argument("--model-batches", type=int, default=10)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tfa-bench-scoring"))
     p.add_argument("--no-s3", action="store_true")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument(
         "--test-mask",
         default="0",

@@ -14,7 +14,8 @@ import argparse
 import logging
 import sys
 
-from tfa_ray.scoring import add_score_arguments, run_from_args
+from tfa_ray.cli import run_score
+from tfa_ray.scoring import add_score_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        summary = run_from_args(args)
+        summary = run_score(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"score: error: {exc}", file=sys.stderr)
         return 2

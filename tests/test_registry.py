@@ -23,6 +23,7 @@ from tfa_ray.anomaly import Calibration
 from tfa_ray.config import get_preset
 from tfa_ray.model import Detector
 from tfa_ray.package import load_model, save_model
+from tfa_ray.tracking import RegisteredVersion, log_training
 
 
 def tiny_package(path: str, seed: int = 0, threshold: float = 0.5) -> str:
@@ -57,9 +58,9 @@ def tracking(tmp_path_factory):
         yield uri
 
 
-def _log(tmp_path, category: str, metric: float, seed: int = 0) -> registry.RegisteredVersion:
+def _log(tmp_path, category: str, metric: float, seed: int = 0) -> RegisteredVersion:
     pkg = tiny_package(str(tmp_path / f"pkg-{category}-{seed}"), seed=seed)
-    return registry.log_training(
+    return log_training(
         pkg,
         category,
         params={"preset": "test-tiny", "data_uri": f"/data/{category}"},
@@ -186,3 +187,32 @@ assert out.score[0] == out.score[1]
     fast = load_model(path)
     _, scores = fast.predict(load_image(str(img), fast.image_size)[None])
     assert out.score[0] == pytest.approx(float(scores[0]), rel=1e-5)
+
+
+def test_models_list_reads_every_page(tracking):
+    c = registry.client()
+    for i in range(5):
+        c.create_registered_model(f"tfa-paged{i}")
+    names = [r["name"] for r in registry.list_models(prefix="tfa-paged", page_size=2)]
+    assert names == [f"tfa-paged{i}" for i in range(5)]
+
+
+def test_unreachable_registry_is_retried_then_not_a_lookup_error(monkeypatch):
+    """A registry that does not answer is a transient RegistryError (retried with backoff), never
+    the LookupError that means 'no such model'."""
+    import socket
+
+    from tfa_ray.retry import RetryPolicy, is_transient
+
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    calls = []
+    real = registry._version_for_alias
+    monkeypatch.setattr(registry, "_version_for_alias", lambda *a: calls.append(a) or real(*a))
+    with pytest.raises(registry.RegistryError) as e:
+        registry.resolve_model(
+            "bottle", uri=f"http://127.0.0.1:{port}", retry=RetryPolicy(attempts=3, base_s=0.01)
+        )
+    assert len(calls) == 3 and is_transient(e.value)

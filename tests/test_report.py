@@ -63,13 +63,27 @@ def test_report_content(scored_run, tmp_path):
     run_dir, _ = scored_run
     out = report.write_report(run_dir, str(tmp_path / "r.html"), top_n=3)
     text = Path(out).read_text()
-    assert "<tr class='counts' data-category='texture'>" in text
-    row = re.search(r"data-category='texture'>(.*?)</tr>", text).group(1)
+    assert '<tr class="counts" data-category="texture">' in text
+    row = re.search(r'data-category="texture">(.*?)</tr>', text, re.S).group(1)
     cells = re.findall(r"<td>(\d+)</td>", row)
     assert cells[:3] == ["7", "6", "1"]  # images, ok, error
     assert text.count("data:image/png;base64,") == 3
     assert 'class="threshold"' in text and "truncated or corrupt" in text
     assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")  # self-contained
+
+
+def test_report_escapes_what_it_shows(ray_cluster, tiny_model_dir, tmp_path):
+    """Paths and error messages are data, never markup (Jinja2 autoescaping)."""
+    d = tmp_path / "in" / "texture"
+    d.mkdir(parents=True)
+    (d / "<script>alert(1)<script>.png").write_bytes(b"<b>not an image</b>")
+    summary = scoring.score(
+        scoring.ScoreConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out")),
+        scoring.LocalResolver({"texture": tiny_model_dir}),
+        echo=lambda _m: None,
+    )
+    text = report.build_report(summary.run_dir)
+    assert "<script>" not in text and "&lt;script&gt;alert(1)" in text
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

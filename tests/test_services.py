@@ -60,11 +60,7 @@ def _script(name: str) -> list[str]:
 
 def _clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without anything that points at other services."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("AWS_", "MLFLOW_", "RAY_")) and k != "TFA_RAY_FAIL_AT_EPOCH"
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

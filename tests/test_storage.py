@@ -162,6 +162,22 @@ def test_s3_endpoint_from_argument(s3_env, s3_server, monkeypatch) -> None:
     assert fs1 is fs2 and path == f"{bucket}/a"  # cached per (protocol, endpoint)
 
 
+def test_clear_cache_picks_up_new_credentials(s3_env, s3_server, monkeypatch, fault_proxy):
+    """Cached filesystems keep their credentials; ``clear_cache`` (fsspec's instance cache, the
+    only one) makes the next call sign with the ones the environment has now."""
+    bucket = _bucket(s3_env)
+    s3_env.put_object(Bucket=bucket, Key="k.png", Body=b"abc")
+    proxy = fault_proxy(s3_server)
+    url = f"s3://{bucket}/k.png"
+    assert storage.read_bytes(url, proxy.url) == b"abc"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated")
+    assert storage.read_bytes(url, proxy.url) == b"abc"
+    assert proxy.keys == {"dummy-access-key"}  # still the cached client
+    storage.clear_cache()
+    assert storage.read_bytes(url, proxy.url) == b"abc"
+    assert proxy.keys == {"dummy-access-key", "rotated"}
+
+
 def test_s3_missing_bucket_and_prefix(s3_env) -> None:
     missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/data"
     with pytest.raises(FileNotFoundError) as err:

@@ -43,19 +43,29 @@ def test_shard_batch():
     assert [shard_batch(torch.tensor([5]), r, 2).tolist() for r in range(2)] == [[5], [5]]
 
 
-def test_failure_injection_resumes_from_checkpoint(ray_cluster, tiny_root, tmp_path, monkeypatch):
+def test_failure_injection_resumes_from_checkpoint(
+    ray_cluster, tiny_root, tmp_path, failing_train_loop
+):
     """Rank 0 exits after epoch 2 of 3; the restarted group resumes after epoch 2."""
-    monkeypatch.setenv(train_ray.FAIL_ENV, "2")
     preset = get_preset("test-tiny", train__epochs=3)
     settings = train_ray.RaySettings(storage_path=str(tmp_path / "ckpt"), max_failures=1)
     pkg, summary, history = train_ray.train_one(
-        tiny_root, "texture", preset_to_json(preset), settings
+        tiny_root, "texture", preset_to_json(preset), settings, loop=failing_train_loop(2)
     )
     assert summary["resumed_from_epoch"] == 2  # not restarted from zero
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert sorted(os.listdir(pkg)) == sorted(
         ["weights.safetensors", "config.json", "template.png", "calibration.json", "meta.json"]
     )
+    # checkpoints: the last few only, none with a second copy of the net; the best weights once
+    (run,) = (tmp_path / "ckpt").iterdir()
+    states = sorted(run.glob("checkpoint_*/state.pt"))
+    assert 1 <= len(states) <= train_ray.CHECKPOINTS_KEPT
+    for f in states:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+        assert "best_state" not in state and "optimizer" in state
+    best = list((run / "best").iterdir())
+    assert [p.name for p in best] == [f"epoch-{summary['best_epoch']:05d}.safetensors"]
 
 
 def test_categories_concurrently_tracked_and_registered(

@@ -25,7 +25,7 @@ def _upload(local_root: str, url: str) -> int:
 
 
 def test_s3_data_and_checkpoints_survive_a_worker_failure(
-    ray_cluster, s3_env, tmp_path, monkeypatch
+    ray_cluster, s3_env, tmp_path, failing_train_loop
 ):
     """Data read from s3://, a checkpoint per epoch written to s3://; rank 0 dies after epoch 2
     and the restarted group resumes from the checkpoint it reads back from S3."""
@@ -38,11 +38,15 @@ def test_s3_data_and_checkpoints_survive_a_worker_failure(
     )
     assert _upload(local, f"s3://{bucket}/data") > 10
 
-    monkeypatch.setenv(train_ray.FAIL_ENV, "2")
     preset = get_preset("test-tiny", train__epochs=3)
     settings = train_ray.RaySettings(storage_path=f"s3://{bucket}/checkpoints", max_failures=1)
     pkg, summary, history = train_ray.train_one(
-        f"s3://{bucket}/data", "texture", preset_to_json(preset), settings, run_name="s3run"
+        f"s3://{bucket}/data",
+        "texture",
+        preset_to_json(preset),
+        settings,
+        run_name="s3run",
+        loop=failing_train_loop(2),
     )
     shutil.rmtree(os.path.dirname(pkg), ignore_errors=True)
 

@@ -12,8 +12,9 @@ from tfa_ray.config import get_preset
 from tfa_ray.data import BadImagesError, discover
 from tfa_ray.evaluation import evaluate_model
 from tfa_ray.package import load_model, save_model
+from tfa_ray.selection import split_normals, split_train_val
 from tfa_ray.synth import make_dataset
-from tfa_ray.training import learning_rate, split_normals, split_train_val
+from tfa_ray.training import learning_rate
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +248,8 @@ def test_denoising_inputs_carry_a_defect_while_the_target_stays_clean(synth_root
     """denoise_fraction=1: every training input is the features of a copy with a pasted
     synthetic defect (a local change of the image; the backbone's receptive field spreads it
     over much of a 64 px image's features); without denoising, the clean features."""
-    from tfa_ray.training import corrupted_copies, fit
+    from tfa_ray.selection import corrupted_copies
+    from tfa_ray.training import fit
 
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     bad = corrupted_copies(images, seed=0)

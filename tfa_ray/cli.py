@@ -200,11 +200,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from tfa_ray.scoring import run_from_args
+def run_score(args: argparse.Namespace):
+    """Score, then the report and the JSON summary when asked (``tfa-ray score``, jobs/score.py)."""
+    from tfa_ray.report import write_report
+    from tfa_ray.scoring import config_from_args, score
 
-    summary = run_from_args(args)
-    return 0 if summary.total else 1
+    cfg, resolver = config_from_args(args)
+    summary = score(cfg, resolver)
+    if args.report:
+        write_report(summary.run_dir, args.report, endpoint_url=cfg.endpoint_url)
+        print(f"report written to {args.report}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary.to_dict(), f, indent=2)
+    return summary
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    return 0 if run_score(args).total else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -231,6 +244,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tfa-ray", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--log-file",
+        help="full logs go here; default: <demo workdir>/tfa-ray.log for the demo, "
+        "else a file in the temporary directory; named at the end of the run",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
@@ -328,17 +346,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LONG_RUNNING = ("train", "evaluate", "score", "demo")  # these name their log file at the end
+
+
+def setup_logging(verbose: bool, log_file: str) -> list[logging.Handler]:
+    """Warnings (INFO with -v) on the console, INFO and up in ``log_file``."""
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.FileHandler(log_file)
+    file_handler.setFormatter(fmt)
+    file_handler.setLevel(logging.INFO)
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    console.setLevel(logging.INFO if verbose else logging.WARNING)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(file_handler)
+    root.addHandler(console)
+    return [file_handler, console]
+
+
+def _default_log_file(args: argparse.Namespace) -> str:
+    import os
+    import tempfile
+
+    if args.command == "demo":
+        return os.path.join(os.path.abspath(args.workdir), "tfa-ray.log")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join(tempfile.gettempdir(), f"tfa-ray-{args.command}-{stamp}.log")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tfa_ray.ray_env import session_log_dir
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    log_file = args.log_file or _default_log_file(args)
+    handlers = setup_logging(args.verbose, log_file)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"tfa-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        if args.command in LONG_RUNNING:
+            ray_logs = session_log_dir()
+            print(f"logs: {log_file}" + (f" (Ray workers: {ray_logs})" if ray_logs else ""))
 
 
 if __name__ == "__main__":

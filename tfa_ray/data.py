@@ -27,7 +27,6 @@ __all__ = [
     "MAX_PIXELS",
     "BadImagesError",
     "CategoryData",
-    "ImageDataset",
     "ImageDecodeError",
     "Sample",
     "check_images",
@@ -432,18 +431,3 @@ def load_mask(sample: Sample, size: int) -> torch.Tensor:
             raise ImageDecodeError(f"{url}: {e}") from e
         out = torch.maximum(out, mask_to_tensor(mask, size))
     return out
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Images as ``(3, size, size)`` tensors, so a DataLoader's workers decode in parallel."""
-
-    def __init__(self, urls: list[str], size: int, max_pixels: int | None = MAX_PIXELS):
-        self.urls = list(urls)
-        self.size = size
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.urls)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return load_image(self.urls[index], self.size, self.max_pixels)

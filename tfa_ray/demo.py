@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import time
@@ -21,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from tfa_ray import storage
 
@@ -71,9 +69,10 @@ def build_archive(data_root: str, archive: str, categories: list[str]) -> dict[s
 
 
 def ground_truth_metrics(results: list[dict], truth: dict[str, tuple]) -> dict[str, dict]:
-    """Image AUROC from scores, pixel AUROC from the 8-bit heat maps, per category."""
+    """Image AUROC from scores, pixel AUROC from the stored heat maps, per category."""
     from tfa_ray.data import decode_mask
     from tfa_ray.metrics import image_auroc, pixel_auroc
+    from tfa_ray.scoring import decode_heatmap
 
     out: dict[str, dict] = {}
     by_cat: dict[str, list[dict]] = {}
@@ -88,9 +87,9 @@ def ground_truth_metrics(results: list[dict], truth: dict[str, tuple]) -> dict[s
             metrics["image_auroc"] = image_auroc(labels, scores)
         masks, maps = [], []
         for r in rows:
-            if r["heatmap_png"] is None:
+            heat = decode_heatmap(r)
+            if heat is None:
                 continue
-            heat = np.asarray(Image.open(io.BytesIO(r["heatmap_png"])))
             mask_path = truth[r["path"]][1]
             mask = (
                 decode_mask(storage.read_bytes(mask_path))
@@ -108,8 +107,10 @@ def ground_truth_metrics(results: list[dict], truth: dict[str, tuple]) -> dict[s
 def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dict:
     from tfa_ray import registry, scoring
     from tfa_ray.config import get_preset
+    from tfa_ray.ray_env import init_ray
+    from tfa_ray.report import write_report
     from tfa_ray.synth import make_dataset
-    from tfa_ray.train_ray import RaySettings, init_ray, summary_table, train_categories
+    from tfa_ray.train_ray import RaySettings, summary_table, train_categories
 
     t0 = time.perf_counter()
     work = os.path.abspath(settings.workdir)
@@ -165,15 +166,24 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
             heatmaps=True,
             shard_size=settings.shard_size,
             batch_size=settings.batch_size,
-            report=report_path,
         ),
         scoring.RegistryResolver(uri),
         echo=echo,
     )
+    write_report(summary.run_dir, report_path)
     echo("[4/4] ground truth check")
     results = scoring.read_results(
         summary.run_dir,
-        columns=["path", "category", "status", "score", "is_anomalous", "heatmap_png"],
+        columns=[
+            "path",
+            "category",
+            "status",
+            "score",
+            "is_anomalous",
+            "heatmap_png",
+            "heatmap_low",
+            "heatmap_high",
+        ],  # fmt: skip
     ).to_pylist()
     metrics = ground_truth_metrics(results, truth)
     lines = [

@@ -32,6 +32,31 @@ from tfa_ray.model import Detector
 
 FILES = ("weights.safetensors", "config.json", "template.png", "calibration.json", "meta.json")
 
+# The precision policy, one for every forward pass that scores: "auto" is bf16 autocast on
+# CUDA and fp32 elsewhere; "bf16" also autocasts on CPUs (about 1.7x faster where the CPU has
+# bf16 instructions, same AUROCs on magnetic_tile: benchmarks/forward.py); "fp32" never does.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+# Heat maps are stored as 16-bit PNGs on one scale per model. With span = map_high - map_low
+# (the 99.9th percentile minus the median of normal pixels' values), 0 stands for
+# map_low - span and 65535 for map_low + HEATMAP_HEADROOM * span: defects far above every normal
+# pixel keep their shape instead of saturating, and the normal range still gets ~2,000 levels.
+HEATMAP_HEADROOM = 32.0
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context that ``precision`` means on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def is_anomalous(score: float, threshold: float) -> bool:
+    """The decision rule, the one place it lives: the calibrated threshold is the smallest
+    score that is flagged (``calibrate`` puts it just above the highest allowed normal)."""
+    return bool(score >= threshold)
+
 
 @dataclass
 class TFAModel:
@@ -41,9 +66,7 @@ class TFAModel:
     preset: Preset
     calibration: Calibration
     meta: dict = field(default_factory=dict)
-    # "auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16" also autocasts on CPUs (about
-    # 1.7x faster where the CPU has bf16 instructions: benchmarks/forward.py); "fp32": never.
-    precision: str = "auto"
+    precision: str = "auto"  # see PRECISIONS
 
     @property
     def image_size(self) -> int:
@@ -56,14 +79,11 @@ class TFAModel:
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) float images in [0, 1] -> anomaly maps (B, S, S) and scores (B,)."""
-        self.detector.eval()
+        if self.detector.training:  # eval() drops the cached template embedding: only once
+            self.detector.eval()
         device = self.detector.template.device
-        images = images.to(device)
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        bf16 = self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            maps = self.detector.anomaly_maps(images, self.preset.anomaly)
+        with autocast(self.precision, device):
+            maps = self.detector.anomaly_maps(images.to(device), self.preset.anomaly)
         return maps, image_score(maps, self.preset.anomaly)
 
 
@@ -112,6 +132,19 @@ def load_model(url: str, device: str | torch.device = "cpu") -> TFAModel:
 
 
 def heatmap_uint8(maps: np.ndarray, calibration: Calibration) -> np.ndarray:
-    """Anomaly maps on the model-wide scale fixed by calibration (never per-image min-max)."""
+    """Anomaly maps for viewing (overlays): 0 at the median normal pixel, 255 at the 99.9th
+    percentile of normal pixels, clipped. Stored heat maps use :func:`heatmap_uint16`."""
     scaled = (maps - calibration.map_low) / (calibration.map_high - calibration.map_low)
     return (np.clip(scaled, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def heatmap_scale(calibration: Calibration) -> tuple[float, float]:
+    """(low, high): the anomaly values that 0 and 65535 stand for in a stored heat map."""
+    median, span = float(calibration.map_low), float(calibration.map_high - calibration.map_low)
+    return median - span, median + HEATMAP_HEADROOM * span
+
+
+def heatmap_uint16(maps: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Anomaly maps on the model-wide scale ``(low, high)`` as uint16 (never per-image)."""
+    scaled = (np.asarray(maps, dtype=np.float64) - low) / (high - low)
+    return (np.clip(scaled, 0.0, 1.0) * 65535).round().astype(np.uint16)

@@ -1,19 +1,12 @@
-"""MLflow: tracking runs, the model package as an MLflow model, the registry and its aliases.
+"""The MLflow model registry: tracking URI, aliases, resolving a model to a local package,
+and the look-ups behind ``tfa-ray models list / show``.
 
-The only module that knows MLflow. What it does:
-
-* :func:`log_training` -- one MLflow run per category: params, per-epoch losses, wall time,
-  test-split metrics (computed after training, never used for selection); the tfa-ray model
-  package (see :mod:`tfa_ray.package`) logged as an MLflow pyfunc model and registered as
-  ``<prefix><category>`` with the alias ``candidate``.
-* The pyfunc model is logged *from code*: a two-line file that instantiates
-  :class:`TFAPyfuncModel`. Nothing of ours is pickled; ``load_context`` reads the package
-  (safetensors + JSON + PNG) from the model's artifacts with tfa-ray's own loader.
 * :func:`promote` / :func:`promote_if_better` move aliases (``champion``, ...); stages are not
   used (deprecated in MLflow).
 * :func:`resolve_model` turns ``(category, alias)`` into a local package directory, with
-  downloads cached per (tracking URI, name, version) on disk and in memory.
-* :func:`list_models` / :func:`show_model` feed ``tfa-ray models list / show``.
+  downloads cached per (tracking URI, name, version) on disk and in memory, and look-ups and
+  downloads retried with backoff (a registry blip at night must not fail a run).
+* Logging a training run is :mod:`tfa_ray.tracking`; the pyfunc wrapper is :mod:`tfa_ray.pyfunc`.
 
 Tracking URI: ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory.
 """
@@ -21,29 +14,26 @@ Tracking URI: ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the worki
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from tfa_ray.pyfunc import PACKAGE_ARTIFACT, TFAPyfuncModel  # noqa: F401 - older models import it here
+from tfa_ray.retry import RetryPolicy, call_with_retries
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "tfa-"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
-EXPERIMENT = "tfa-ray"
-PACKAGE_ARTIFACT = "package"  # key of the package directory in the pyfunc model's artifacts
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 
@@ -57,11 +47,12 @@ class RegistryError(RuntimeError):
 
 def tracking_uri(uri: str | None = None) -> str:
     """The tracking URI in use: ``uri``, else ``MLFLOW_TRACKING_URI``, else
-    ``sqlite:///<cwd>/mlflow.db`` (absolute, so worker processes agree on it)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return "sqlite:///" + os.path.join(os.getcwd(), "mlflow.db")
+    ``sqlite:///<cwd>/mlflow.db``; a relative sqlite path is made absolute, so worker processes
+    (other working directories) open the same file."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
+    return uri
 
 
 def safe_uri(uri: str) -> str:
@@ -100,6 +91,8 @@ def client(uri: str | None = None):
     """An ``MlflowClient`` for tracking and registry at ``uri`` (see :func:`tracking_uri`)."""
     from mlflow.tracking import MlflowClient
 
+    # no download progress bars: every scorer actor would draw its own on the driver's console
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -108,261 +101,14 @@ def model_name(category: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}{category}"
 
 
-def git_commit() -> str | None:
-    """The commit of the working directory's git checkout, if there is one."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
-
-
-# --------------------------------------------------------------------------------------
-# the pyfunc wrapper (logged from code: never pickled)
-
-
-try:  # mlflow is a hard dependency; the guard only keeps import errors readable
-    from mlflow.pyfunc import PythonModel as _PythonModel
-except ImportError:  # pragma: no cover
-    _PythonModel = object  # type: ignore[assignment,misc]
-
-
-class TFAPyfuncModel(_PythonModel):
-    """``mlflow.pyfunc`` face of a tfa-ray package.
-
-    ``predict`` takes a DataFrame with one column of images -- ``image`` (or ``path`` /
-    ``bytes``, else the first column): local paths, ``s3://`` URLs or encoded image bytes -- and
-    returns one row per image: ``score``, ``threshold``, ``is_anomalous`` and ``mask`` (PNG
-    bytes of the defect mask at the model's input size), plus ``status`` (``ok`` / ``error``)
-    and ``error`` (undecodable images become error rows, not exceptions).
-    """
-
-    batch_size = 16
-
-    def load_context(self, context) -> None:
-        from tfa_ray.package import load_model
-
-        device = os.environ.get("TFA_RAY_DEVICE") or "cpu"
-        self.model = load_model(context.artifacts[PACKAGE_ARTIFACT], device=device)
-
-    def predict(self, context, model_input, params=None):  # noqa: ARG002 - mlflow's signature
-        import numpy as np
-        import pandas as pd
-        import torch
-        from PIL import Image
-
-        from tfa_ray import storage
-        from tfa_ray.data import decode_image, image_to_tensor
-
-        if not isinstance(model_input, pd.DataFrame):
-            model_input = pd.DataFrame({"image": list(model_input)})
-        col = next((c for c in ("image", "path", "bytes") if c in model_input.columns), None)
-        values = list(model_input[col if col is not None else model_input.columns[0]])
-        size = self.model.image_size
-        cal = self.model.calibration
-        rows: list[dict] = [{} for _ in values]
-        good: list[tuple[int, torch.Tensor]] = []
-        for i, v in enumerate(values):
-            try:
-                data = bytes(v) if isinstance(v, (bytes, bytearray, memoryview)) else None
-                if data is None:
-                    data = storage.read_bytes(str(v))
-                good.append((i, image_to_tensor(decode_image(data), size)))
-            except Exception as e:  # noqa: BLE001 - a bad input is an error row
-                rows[i] = {"status": "error", "error": f"{type(e).__name__}: {e}"}
-        for start in range(0, len(good), self.batch_size):
-            chunk = good[start : start + self.batch_size]
-            maps, scores = self.model.predict(torch.stack([t for _, t in chunk]))
-            maps = maps.float().cpu().numpy()
-            for (i, _), amap, score in zip(chunk, maps, scores.float().cpu().tolist(), strict=True):
-                buf = io.BytesIO()
-                mask = ((amap > cal.pixel_threshold) * 255).astype(np.uint8)
-                Image.fromarray(mask).save(buf, format="PNG")
-                rows[i] = {
-                    "score": float(score),
-                    "is_anomalous": bool(score > cal.threshold),
-                    "mask": buf.getvalue(),
-                    "status": "ok",
-                    "error": None,
-                }
-        out = pd.DataFrame(
-            {
-                "score": [r.get("score", float("nan")) for r in rows],
-                "threshold": [float(cal.threshold)] * len(rows),
-                "is_anomalous": [r.get("is_anomalous", False) for r in rows],
-                "mask": [r.get("mask") for r in rows],
-                "status": [r["status"] for r in rows],
-                "error": [r.get("error") for r in rows],
-            }
-        )
-        return out
-
-
-_MODEL_CODE = """\
-# tfa-ray pyfunc entry point (MLflow "models from code"): nothing here is pickled.
-import mlflow
-
-from tfa_ray.registry import TFAPyfuncModel
-
-mlflow.models.set_model(TFAPyfuncModel())
-"""
-
-
-# --------------------------------------------------------------------------------------
-# logging a training run
-
-
-@dataclass
-class RegisteredVersion:
-    name: str
-    version: int
-    run_id: str
-    aliases: list[str] = field(default_factory=list)
-
-
-def _flat_params(params: dict[str, Any]) -> dict[str, str]:
-    out = {}
-    for k, v in params.items():
-        if v is None:
-            continue
-        s = v if isinstance(v, str) else json.dumps(v, default=str)
-        out[k] = s[:6000]  # MLflow's param value limit
-    return out
-
-
-def _experiment_id(c, name: str) -> str:
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name)
-    except Exception:  # noqa: BLE001 - created concurrently by another category
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
-
-
-def log_training(
-    package_dir: str,
-    category: str,
-    *,
-    params: dict[str, Any],
-    history: list[dict],
-    metrics: dict[str, float] | None = None,
-    summary: dict[str, float] | None = None,
-    prefix: str = DEFAULT_PREFIX,
-    alias: str | None = CANDIDATE,
-    uri: str | None = None,
-    experiment: str | None = None,
-    tags: dict[str, str] | None = None,
-) -> RegisteredVersion:
-    """One MLflow run for one trained category; returns the registered model version.
-
-    ``history``: per-epoch records (``train_loss``, ``val_loss``, ... logged with ``step`` =
-    epoch). ``metrics``: test-split evaluation (image_auroc, ...), logged as run metrics and
-    copied to the version's tags. ``summary``: other scalars (wall time, best epoch).
-    ``package_dir``: a local tfa-ray model package directory.
-    """
-    import mlflow
-    from mlflow.entities import Metric, Param, RunTag
-
-    uri = tracking_uri(uri)
-    c = client(uri)
-    exp_id = _experiment_id(c, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
-    name = model_name(category, prefix)
-    run_tags = {"category": category, "mlflow.runName": f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"}
-    run_tags.update(tags or {})
-    run = c.create_run(exp_id, tags=run_tags)
-    run_id = run.info.run_id
-    try:
-        now = int(time.time() * 1000)
-        ps = [Param(k, v) for k, v in _flat_params(params).items()]
-        ms = []
-        for rec in history:
-            step = int(rec.get("epoch", len(ms)))
-            for k, v in rec.items():
-                if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    ms.append(Metric(k, float(v), now, step))
-        for k, v in {**(summary or {}), **(metrics or {})}.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                ms.append(Metric(k, float(v), now, 0))
-        for i in range(0, max(len(ms), len(ps), 1), 900):  # log_batch limits: 1000 metrics
-            c.log_batch(run_id, metrics=ms[i : i + 900], params=ps[i : i + 90] if i == 0 else [])
-        if len(ps) > 90:
-            for j in range(90, len(ps), 90):
-                c.log_batch(run_id, params=ps[j : j + 90])
-        c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
-
-        with tempfile.TemporaryDirectory(prefix="tfa-mlflow-") as tmp:
-            code = os.path.join(tmp, "tfa_pyfunc.py")
-            with open(code, "w") as f:
-                f.write(_MODEL_CODE)
-            staged = os.path.join(tmp, PACKAGE_ARTIFACT)
-            shutil.copytree(package_dir, staged)
-            mlflow.set_tracking_uri(uri)
-            mlflow.set_registry_uri(uri)
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=code,
-                    artifacts={PACKAGE_ARTIFACT: staged},
-                    pip_requirements=_requirements(),
-                )
-        mv = mlflow.register_model(info.model_uri, name, tags={"category": category})
-        version = int(mv.version)
-        vtags = {
-            "category": category,
-            "run_id": run_id,
-            "data_uri": str(params.get("data_uri", "")),
-        }
-        cal = _read_json(os.path.join(package_dir, "calibration.json"))
-        if "threshold" in cal:
-            vtags["threshold"] = repr(float(cal["threshold"]))
-        for k, v in (metrics or {}).items():
-            if isinstance(v, (int, float)):
-                vtags[f"metric.{k}"] = repr(float(v))
-        for k, v in vtags.items():
-            c.set_model_version_tag(name, str(version), k, v)
-        aliases = []
-        if alias:
-            c.set_registered_model_alias(name, alias, str(version))
-            aliases.append(alias)
-        c.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        try:
-            c.set_terminated(run_id, "FAILED")
-        except Exception:  # noqa: BLE001
-            pass
-        raise
-    return RegisteredVersion(name, version, run_id, aliases)
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for pkg in ("tfa-ray", "torch", "timm", "safetensors", "pillow", "numpy", "pandas", "s3fs"):
-        try:
-            reqs.append(f"{pkg}=={version(pkg)}")
-        except PackageNotFoundError:
-            reqs.append(pkg)
-    return reqs
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
 # --------------------------------------------------------------------------------------
 # aliases
+
+
+def _not_found(e: Exception) -> bool:
+    """The registry answered that the model / version / alias does not exist (as opposed to
+    not answering: that is a :class:`RegistryError`, worth retrying)."""
+    return getattr(e, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def _version_for_alias(c, name: str, alias: str):
@@ -371,7 +117,9 @@ def _version_for_alias(c, name: str, alias: str):
     try:
         return c.get_model_version_by_alias(name, alias)
     except MlflowException as e:
-        raise LookupError(f"registered model {name!r} has no alias {alias!r}") from e
+        if _not_found(e):
+            raise LookupError(f"registered model {name!r} has no alias {alias!r}") from e
+        raise RegistryError(f"registry look-up of {name}@{alias} failed: {e}") from e
 
 
 def _metric(c, mv, metric: str) -> float | None:
@@ -446,7 +194,9 @@ def _get_version(c, name: str, version: int):
     try:
         return c.get_model_version(name, str(version))
     except MlflowException as e:
-        raise LookupError(f"registered model {name!r} has no version {version}") from e
+        if _not_found(e):
+            raise LookupError(f"registered model {name!r} has no version {version}") from e
+        raise RegistryError(f"registry look-up of {name} v{version} failed: {e}") from e
 
 
 # --------------------------------------------------------------------------------------
@@ -529,20 +279,30 @@ def resolve_model(
     prefix: str = DEFAULT_PREFIX,
     uri: str | None = None,
     version: int | None = None,
+    retry: RetryPolicy | None = None,
 ) -> tuple[str, int, str]:
     """(registered model name, version, local package directory) of ``<prefix><category>@alias``,
     or of that exact ``version`` when one is given (a scoring run pins what it planned with).
 
-    Raises ``LookupError`` when the model, the alias or the version does not exist. The alias
-    is looked up on every call (one registry request, so promotions are seen at once); the
-    download is cached per name + version (see :func:`download_version`)."""
+    Raises ``LookupError`` when the model, the alias or the version does not exist (at once: no
+    retry changes that answer); other failures are retried with ``retry`` (default
+    :class:`RetryPolicy`) and then raised. The alias is looked up on every call (one registry
+    request, so promotions are seen at once); the download is cached per name + version (see
+    :func:`download_version`)."""
+    policy = retry or RetryPolicy()
     c = client(uri)
     name = model_name(category, prefix)
-    if version is None:
-        version = int(_version_for_alias(c, name, alias).version)
-    else:
-        version = int(_get_version(c, name, int(version)).version)
-    return name, version, download_version(name, version, uri)
+
+    def look_up() -> int:
+        if version is None:
+            return int(_version_for_alias(c, name, alias).version)
+        return int(_get_version(c, name, int(version)).version)
+
+    found = call_with_retries(look_up, policy, f"registry look-up of {name}")
+    pkg = call_with_retries(
+        lambda: download_version(name, found, uri), policy, f"download of {name} v{found}"
+    )
+    return name, found, pkg
 
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
@@ -580,22 +340,37 @@ def run_link(run_id: str, uri: str | None = None) -> str:
     return f"runs:/{run_id}"
 
 
+def _all_pages(search, **kwargs) -> list:
+    """Every result of an MLflow search, following ``next_page_token`` past the first page."""
+    out, token = [], None
+    while True:
+        page = search(page_token=token, **kwargs)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
 def _versions(c, name: str) -> list:
-    return sorted(
-        c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), reverse=True
-    )
+    found = _all_pages(c.search_model_versions, filter_string=f"name='{name}'")
+    return sorted(found, key=lambda v: int(v.version), reverse=True)
 
 
 def _time(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else ""
 
 
-def list_models(prefix: str = DEFAULT_PREFIX, uri: str | None = None) -> list[dict]:
-    """One row per registered ``<prefix>*`` model: name, latest version, champion version and its
-    metrics and threshold, created time."""
+def list_models(
+    prefix: str = DEFAULT_PREFIX, uri: str | None = None, page_size: int | None = None
+) -> list[dict]:
+    """One row per registered ``<prefix>*`` model (every page of the search): name, latest
+    version, champion version and its metrics and threshold, created time."""
     c = client(uri)
     rows = []
-    models = c.search_registered_models(filter_string=f"name LIKE '{prefix}%'")
+    paging = {"max_results": page_size} if page_size else {}
+    models = _all_pages(
+        c.search_registered_models, filter_string=f"name LIKE '{prefix}%'", **paging
+    )
     for rm in sorted(models, key=lambda m: m.name):
         versions = _versions(c, rm.name)
         aliases = dict(rm.aliases or {})

@@ -1,4 +1,5 @@
-"""The run report: one self-contained HTML file (PNGs embedded as data URIs, inline SVG charts).
+"""The run report: one self-contained HTML file (PNGs embedded as data URIs, inline SVG charts),
+rendered from a Jinja2 template with autoescaping.
 
 Per category: counts (ok / error / anomalous), the model that scored it, a histogram of image
 scores with the decision threshold drawn in, the top-N most anomalous images with their
@@ -8,7 +9,6 @@ predicted defect mask drawn over them, and the first error messages.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
@@ -121,15 +121,47 @@ def histogram_svg(
     return "".join(parts)
 
 
-def _thumb(path: str, mask_png: bytes | None, endpoint_url: str | None, max_side: int) -> str:
+_TEMPLATE = """\
+<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
+<title>{{ title }}</title><style>{{ css }}</style></head><body>
+<h1>{{ title }}</h1>
+<p>results: <code>{{ results_url }}</code>; run {{ run_ids | join(", ") or "-" }};
+{% if finished %}finished {{ finished }}{% else %}no _SUCCESS{% endif %}</p>
+<table><tr><th class="l">category</th><th class="l">model</th><th>images</th><th>ok</th>
+<th>error</th><th>anomalous</th></tr>
+{% for c in categories %}
+<tr class="counts" data-category="{{ c.name }}"><td class="l">{{ c.name }}</td>
+<td class="l">{{ c.models | join(", ") or "-" }}</td><td>{{ c.total }}</td><td>{{ c.ok }}</td>
+<td>{{ c.total - c.ok }}</td><td>{{ c.anomalous }}</td></tr>
+{% endfor %}<tr><th class="l">all</th><th></th><th>{{ total.total }}</th><th>{{ total.ok }}</th>
+<th>{{ total.total - total.ok }}</th><th>{{ total.anomalous }}</th></tr></table>
+{% for c in categories %}<section data-category="{{ c.name }}"><h2>{{ c.name }}</h2>
+{{ c.histogram }}
+{% if c.top %}<h3>top {{ c.top | length }} most anomalous</h3><div class="grid">
+{% for r in c.top %}<div class="card">{% if r.thumb %}<img src="{{ r.thumb }}" alt="{{ r.path }}">
+{% else %}<p class="bad">image unavailable: {{ r.unavailable }}</p>{% endif %}
+<div>score {{ "%.4g" | format(r.score) }} ({{ r.verdict }})</div>
+<div class="muted">{{ r.path }}</div></div>
+{% endfor %}</div>{% endif %}
+{% if c.errors %}<h3>errors ({{ c.errors | length }})</h3><table>
+{% for r in c.errors[:max_errors] %}<tr><td class="l">{{ r.path }}</td>
+<td class="l bad">{{ r.error or "" }}</td></tr>
+{% endfor %}{% if c.errors | length > max_errors %}<tr><td class="l muted">...
+{{ c.errors | length - max_errors }} more</td></tr>{% endif %}</table>{% endif %}
+</section>
+{% endfor %}</body></html>
+"""
+
+
+def _thumb(path: str, mask_png: bytes | None, endpoint_url: str | None, max_side: int) -> dict:
+    """``thumb`` (a PNG data URI with the mask drawn in) or ``unavailable`` (why not)."""
     from tfa_ray.data import decode_image
 
     try:
         img = decode_image(storage.read_bytes(path, endpoint_url))
     except Exception as e:  # noqa: BLE001 - the image may be gone since scoring
-        return f'<p class="bad">image unavailable: {html.escape(str(e))}</p>'
-    uri = _data_uri(overlay_png(img, mask_png, max_side))
-    return f'<img src="{uri}" alt="{html.escape(path)}">'
+        return {"thumb": None, "unavailable": str(e)}
+    return {"thumb": _data_uri(overlay_png(img, mask_png, max_side))}
 
 
 def build_report(
@@ -141,24 +173,26 @@ def build_report(
     title: str | None = None,
 ) -> str:
     """The HTML report of the scoring results under ``results_url`` (a run directory or an
-    output root)."""
+    output root), rendered from a Jinja2 template with autoescaping."""
+    import jinja2
+    from markupsafe import Markup
+
     from tfa_ray.scoring import SUCCESS_FILE, read_results
 
-    table = read_results(results_url, endpoint_url, LIGHT_COLUMNS)
-    rows = table.to_pylist()
+    rows = read_results(results_url, endpoint_url, LIGHT_COLUMNS).to_pylist()
     success = None
     success_url = storage.join(results_url, SUCCESS_FILE)
     if storage.exists(success_url, endpoint_url):
         success = json.loads(storage.read_bytes(success_url, endpoint_url))
-    cats = sorted({r["category"] or "(none)" for r in rows})
-    run_ids = sorted({r["run_id"] for r in rows if r["run_id"]})
-    title = title or "tfa-ray scoring report"
+    by_cat: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"] or "(none)", []).append(r)
 
     # the masks of the top-N per category, in one filtered read
-    top: dict[str, list[dict[str, Any]]] = {}
-    for cat in cats:
-        scored = [r for r in rows if (r["category"] or "(none)") == cat and r["status"] == "ok"]
-        top[cat] = sorted(scored, key=lambda r: -r["score"])[:top_n]
+    top = {
+        cat: sorted((r for r in rs if r["status"] == "ok"), key=lambda r: -r["score"])[:top_n]
+        for cat, rs in by_cat.items()
+    }
     want = [r["path"] for rs in top.values() for r in rs]
     masks: dict[str, bytes | None] = {}
     if want:
@@ -168,66 +202,50 @@ def build_report(
         masks = dict(
             zip(t.column("path").to_pylist(), t.column("mask_png").to_pylist(), strict=True)
         )
-
-    out = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        f"<p>results: <code>{html.escape(results_url)}</code>; run "
-        f"{html.escape(', '.join(run_ids) or '-')}; "
-        + ("finished " + html.escape(str(success.get("finished"))) if success else "no _SUCCESS")
-        + "</p>",
-        "<table><tr><th class='l'>category</th><th class='l'>model</th><th>images</th>"
-        "<th>ok</th><th>error</th><th>anomalous</th></tr>",
-    ]
-    for cat in cats:
-        rs = [r for r in rows if (r["category"] or "(none)") == cat]
-        ok = sum(r["status"] == "ok" for r in rs)
-        anomalous = sum(bool(r["is_anomalous"]) for r in rs)
-        models = sorted({f"{r['model_name']} v{r['model_version']}" for r in rs if r["model_name"]})
-        out.append(
-            f"<tr class='counts' data-category='{html.escape(cat)}'><td class='l'>"
-            f"{html.escape(cat)}</td><td class='l'>{html.escape(', '.join(models) or '-')}</td>"
-            f"<td>{len(rs)}</td><td>{ok}</td><td>{len(rs) - ok}</td><td>{anomalous}</td></tr>"
-        )
-    out.append(
-        f"<tr><th class='l'>all</th><th></th><th>{len(rows)}</th>"
-        f"<th>{sum(r['status'] == 'ok' for r in rows)}</th>"
-        f"<th>{sum(r['status'] != 'ok' for r in rows)}</th>"
-        f"<th>{sum(bool(r['is_anomalous']) for r in rows)}</th></tr></table>"
-    )
-    for cat in cats:
-        rs = [r for r in rows if (r["category"] or "(none)") == cat]
+    categories = []
+    for cat in sorted(by_cat):
+        rs = by_cat[cat]
         scored = [r for r in rs if r["status"] == "ok"]
         thresholds = sorted({r["threshold"] for r in scored if r["threshold"] is not None})
-        thr = thresholds[-1] if thresholds else None
-        out.append(f"<section data-category='{html.escape(cat)}'><h2>{html.escape(cat)}</h2>")
-        out.append(histogram_svg(np.array([r["score"] for r in scored]), thr))
-        if top[cat]:
-            out.append(f"<h3>top {len(top[cat])} most anomalous</h3><div class='grid'>")
-            for r in top[cat]:
-                verdict = "anomalous" if r["is_anomalous"] else "normal"
-                out.append(
-                    "<div class='card'>"
-                    + _thumb(r["path"], masks.get(r["path"]), endpoint_url, max_side)
-                    + f"<div>score {r['score']:.4g} ({verdict})</div>"
-                    f"<div class='muted'>{html.escape(r['path'])}</div></div>"
-                )
-            out.append("</div>")
-        errors = [r for r in rs if r["status"] != "ok"]
-        if errors:
-            out.append(f"<h3>errors ({len(errors)})</h3><table>")
-            for r in errors[:max_errors]:
-                out.append(
-                    f"<tr><td class='l'>{html.escape(r['path'])}</td>"
-                    f"<td class='l bad'>{html.escape(r['error'] or '')}</td></tr>"
-                )
-            if len(errors) > max_errors:
-                out.append(f"<tr><td class='l muted'>... {len(errors) - max_errors} more</td></tr>")
-            out.append("</table>")
-        out.append("</section>")
-    out.append("</body></html>")
-    return "\n".join(out)
+        svg = histogram_svg(
+            np.array([r["score"] for r in scored]), thresholds[-1] if thresholds else None
+        )
+        categories.append(
+            {
+                "name": cat,
+                "models": sorted(
+                    {f"{r['model_name']} v{r['model_version']}" for r in rs if r["model_name"]}
+                ),
+                "total": len(rs),
+                "ok": len(scored),
+                "anomalous": sum(bool(r["is_anomalous"]) for r in rs),
+                "histogram": Markup(svg),  # built from numbers only, by histogram_svg
+                "top": [
+                    {
+                        **r,
+                        "verdict": "anomalous" if r["is_anomalous"] else "normal",
+                        **_thumb(r["path"], masks.get(r["path"]), endpoint_url, max_side),
+                    }
+                    for r in top[cat]
+                ],
+                "errors": [r for r in rs if r["status"] != "ok"],
+            }
+        )
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(_TEMPLATE).render(
+        title=title or "tfa-ray scoring report",
+        css=Markup(_CSS),
+        results_url=results_url,
+        run_ids=sorted({r["run_id"] for r in rows if r["run_id"]}),
+        finished=success.get("finished") if success else None,
+        categories=categories,
+        total={
+            "total": len(rows),
+            "ok": sum(r["status"] == "ok" for r in rows),
+            "anomalous": sum(bool(r["is_anomalous"]) for r in rows),
+        },
+        max_errors=max_errors,
+    )
 
 
 def write_report(

@@ -9,7 +9,6 @@ reads; this module never logs them or puts them into error messages.
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,14 +26,12 @@ __all__ = [
     "list_files",
     "normalize",
     "read_bytes",
+    "remove",
     "write_bytes",
 ]
 
 _LOCAL_PROTOCOLS = ("", "file", "local")
 _S3_PROTOCOLS = ("s3", "s3a")
-_FS_CACHE: dict[tuple[str, str | None], fsspec.AbstractFileSystem] = {}
-_FS_LOCK = threading.Lock()
-_FS_PID = os.getpid()
 
 
 def _split(url: str) -> tuple[str, str]:
@@ -73,47 +70,39 @@ def _safe_endpoint(endpoint: str | None) -> str:
 def get_fs(url: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for ``url`` and the path inside it (``bucket/key`` for S3).
 
-    Filesystems are cached per (protocol, endpoint) so connection pools are reused. S3 listing
-    caches are switched off: nightly jobs must see files that other writers added.
+    Filesystems come from fsspec's own instance cache (one per protocol + arguments, made
+    again in a forked child), so connection pools are reused. S3 listing caches are switched
+    off: nightly jobs must see files that other writers added.
     """
     protocol, rest = _split(url)
     if protocol in _LOCAL_PROTOCOLS:
-        key: tuple[str, str | None] = ("file", None)
-        path = os.path.abspath(os.path.expanduser(rest)) if rest else os.getcwd()
-    elif protocol in _S3_PROTOCOLS:
-        key = ("s3", _endpoint(endpoint_url))
-        path = rest.rstrip("/")
-    else:
-        key = (protocol, endpoint_url)
-        path = rest
-    global _FS_PID
-    with _FS_LOCK:
-        if _FS_PID != os.getpid():  # a forked child (DataLoader worker): the parent's
-            _FS_CACHE.clear()  # S3 clients and event loop are not usable here
-            _FS_PID = os.getpid()
-        fs = _FS_CACHE.get(key)
-        if fs is None:
-            fs = _make_fs(*key)
-            _FS_CACHE[key] = fs
-    return fs, path
-
-
-def _make_fs(protocol: str, endpoint: str | None) -> fsspec.AbstractFileSystem:
-    if protocol == "file":
-        return LocalFileSystem()
-    if protocol == "s3":
+        return LocalFileSystem(), (
+            os.path.abspath(os.path.expanduser(rest)) if rest else os.getcwd()
+        )
+    if protocol in _S3_PROTOCOLS:
         import s3fs  # imported lazily: local-only users need no AWS stack
 
+        endpoint = _endpoint(endpoint_url)
         client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
-        return s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False)
-    kwargs = {"endpoint_url": endpoint} if endpoint else {}
-    return fsspec.filesystem(protocol, **kwargs)
+        return s3fs.S3FileSystem(
+            client_kwargs=client_kwargs, use_listings_cache=False
+        ), rest.rstrip("/")
+    kwargs = {"endpoint_url": endpoint_url} if endpoint_url else {}
+    return fsspec.filesystem(protocol, **kwargs), rest
 
 
 def clear_cache() -> None:
-    """Forget cached filesystems (tests that change endpoints or credentials)."""
-    with _FS_LOCK:
-        _FS_CACHE.clear()
+    """Forget every cached filesystem instance (fsspec's instance cache, the only one), so the
+    next call makes new clients that read credentials and endpoints afresh."""
+    import sys
+
+    from fsspec.registry import registry  # the filesystem classes fsspec has loaded
+
+    classes = set(registry.values()) | {LocalFileSystem}
+    if "s3fs" in sys.modules:
+        classes.add(sys.modules["s3fs"].S3FileSystem)
+    for cls in classes:
+        cls.clear_instance_cache()
 
 
 def _to_url(url: str, path: str) -> str:
@@ -193,6 +182,15 @@ def write_bytes(url: str, data: bytes, endpoint_url: str | None = None) -> None:
         fs.pipe_file(path, data)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"cannot write {_where(url, endpoint_url)}: {e}") from e
+
+
+def remove(url: str, endpoint_url: str | None = None) -> None:
+    """Delete a file if it exists."""
+    fs, path = get_fs(url, endpoint_url)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def exists(url: str, endpoint_url: str | None = None) -> bool:

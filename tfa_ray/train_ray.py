@@ -5,13 +5,17 @@ category it is data parallel: ``ray.train.torch.prepare_model`` wraps the TFA-Ne
 each worker takes its strided share of every global batch (the backbone features are cached
 tensors, so the sharding that ``prepare_data_loader``'s DistributedSampler would do is done on
 the batch indices directly). Every epoch the resumable state (weights, optimiser, epoch and
-step counters, RNG, best-so-far, history) is written as a checkpoint to
-``RunConfig(storage_path)``; after a worker dies, ``FailureConfig(max_failures)`` restarts the
-group and it continues from that checkpoint. The last report carries the tfa-ray model package.
+step counters, RNG, best-so-far record, history) is written as a checkpoint to
+``RunConfig(storage_path)``, of which Ray keeps the last ``CHECKPOINTS_KEPT``; the best weights
+are written beside them only in the epochs where they improve (:mod:`tfa_ray.checkpoints`), not
+copied into every checkpoint.
+After a worker dies, ``FailureConfig(max_failures)`` restarts the group and it continues from
+the last checkpoint (loaded onto the CPU, so a GPU checkpoint resumes anywhere). The last
+report carries the tfa-ray model package.
 
 The driver side (:func:`train_categories`) checks inputs before any worker starts, runs the
 categories concurrently (threads, each blocking on its own trainer), evaluates each model on its
-test split, and logs / registers it through :mod:`tfa_ray.registry`. A failing category never
+test split, and logs / registers it through :mod:`tfa_ray.tracking`. A failing category never
 stops the others; its outcome carries one error line.
 """
 
@@ -32,7 +36,8 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-FAIL_ENV = "TFA_RAY_FAIL_AT_EPOCH"  # tests only: rank 0 exits after this epoch's checkpoint
+CHECKPOINTS_KEPT = 2  # epoch checkpoints Ray keeps (each holds the weights and Adam's moments)
+BEST_DIR = "best"
 
 
 @dataclass
@@ -64,19 +69,6 @@ class Outcome:
 
 # --------------------------------------------------------------------------------------
 # Ray
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join ``RAY_ADDRESS`` when set, else start a local cluster (``num_cpus`` caps it)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def default_concurrency(settings: RaySettings) -> int:
@@ -127,6 +119,7 @@ def worker_loop(config: dict) -> None:
     from ray import train
     from ray.train import Checkpoint
 
+    from tfa_ray.checkpoints import BestWeights
     from tfa_ray.config import preset_from_json
     from tfa_ray.data import discover
     from tfa_ray.package import save_model
@@ -140,30 +133,36 @@ def worker_loop(config: dict) -> None:
     preset = preset_from_json(config["preset"])
     data = discover(config["data"], config["category"])
 
+    best = BestWeights(config["best_dir"])
     resume = None
     ckpt = train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            resume = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+            resume = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        if resume["best"].get("epoch", -1) > 0:  # the best weights live beside the checkpoints
+            resume["best_state"] = best.load(resume["best"]["epoch"])
+            if rank == 0:
+                best.keep_only(resume["best"]["epoch"])
         print(f"[{data.category}] rank {rank}: resuming after epoch {resume['epoch']}")
     resumed_from = int(resume["epoch"]) if resume else 0
-    fail_at = int(config.get("fail_at_epoch") or 0) if resume is None else 0
+    saved_best = [resume["best"].get("epoch", -1) if resume else -1]
 
     def on_checkpoint(state: dict) -> None:
         rec = state["history"][-1]
         metrics = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
-        if rank == 0:
-            with tempfile.TemporaryDirectory(prefix="tfa-ckpt-") as d:
-                torch.save(state, os.path.join(d, "state.pt"))
-                train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-        else:
+        if rank != 0:
             train.report(metrics)
-        if fail_at and state["epoch"] == fail_at and rank == 0:
-            print(f"[{data.category}] {FAIL_ENV}={fail_at}: worker exits after epoch {fail_at}")
-            # the controller takes reports off the worker's queue every health check (2 s):
-            # give it time to register this epoch's checkpoint before dying
-            time.sleep(5.0)
-            os._exit(1)
+            return
+        best_state = state.pop("best_state", None)
+        previous, best_epoch = saved_best[0], state["best"].get("epoch", -1)
+        if best_epoch != previous and best_state:
+            best.save(best_epoch, best_state)  # before the checkpoint that names it
+            saved_best[0] = best_epoch
+        with tempfile.TemporaryDirectory(prefix="tfa-ckpt-") as d:
+            torch.save(state, os.path.join(d, "state.pt"))
+            train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        if saved_best[0] != previous and previous > 0:  # no checkpoint to resume names it now
+            best.remove(previous)
 
     wrap = None
     if world > 1:
@@ -257,12 +256,16 @@ def train_one(
     template: str | None = None,
     skip_bad: bool = False,
     run_name: str | None = None,
+    loop: Callable[[dict], None] = worker_loop,
 ) -> tuple[str, dict, list]:
     """Train one category on Ray Train; returns (local package dir, summary, history).
 
-    The package directory is a fresh temporary directory the caller owns."""
+    The package directory is a fresh temporary directory the caller owns. ``loop`` is the
+    worker body (tests wrap :func:`worker_loop` to inject faults)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from tfa_ray import storage
 
     storage_path, storage_fs = _storage(settings)
     name = run_name or f"tfa-{category}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -270,8 +273,12 @@ def train_one(
     endpoint = settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         env_vars["AWS_ENDPOINT_URL"] = endpoint  # an address, not a secret
+    if storage_fs is None:
+        best_dir = storage.join(storage_path, name, BEST_DIR)
+    else:  # the checkpoint bucket, addressed the way tfa_ray.storage does it
+        best_dir = storage.join(f"s3://{storage_path}", name, BEST_DIR)
     trainer = TorchTrainer(
-        worker_loop,
+        loop,
         train_loop_config={
             "data": data,
             "category": category,
@@ -281,7 +288,7 @@ def train_one(
             "use_gpu": settings.use_gpu,
             "endpoint_url": settings.endpoint_url,
             "threads": max(1, int(settings.cpus_per_worker)),
-            "fail_at_epoch": os.environ.get(FAIL_ENV) or 0,
+            "best_dir": best_dir,
         },
         scaling_config=ScalingConfig(
             num_workers=settings.num_workers,
@@ -293,7 +300,7 @@ def train_one(
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=settings.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             worker_runtime_env={"env_vars": env_vars} if env_vars else None,
         ),
     )
@@ -345,8 +352,10 @@ def train_categories(
         else:
             ready.append(c)
     if ready:
+        from tfa_ray.ray_env import init_ray
+
         _storage(settings)  # a missing checkpoint bucket fails here, once
-        init_ray()
+        init_ray(log_to_driver=True)  # the epochs' lines come from the workers
     concurrency = (max_concurrent or default_concurrency(settings)) if ready else 1
     echo(
         f"training {len(ready)} categor{'y' if len(ready) == 1 else 'ies'} on Ray "
@@ -370,7 +379,7 @@ def train_categories(
                 out.package_dir = outputs[category]
                 echo(f"[{category}] model written to {out.package_dir}")
             if track:
-                from tfa_ray import registry
+                from tfa_ray import registry, tracking
 
                 trained = preset_from_json(preset_json)
                 params = {
@@ -387,11 +396,11 @@ def train_categories(
                     "use_gpu": settings.use_gpu,
                     "num_train": summary.get("num_train"),
                     "num_val": summary.get("num_val"),
-                    "git_commit": registry.git_commit(),
+                    "git_commit": tracking.git_commit(),
                 }
                 wall = time.perf_counter() - t0
                 with lock:
-                    mv = registry.log_training(
+                    mv = tracking.log_training(
                         pkg,
                         category,
                         params=params,

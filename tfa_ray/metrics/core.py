@@ -1,9 +1,9 @@
-"""Evaluation metrics for industrial anomaly detection (MVTec AD and MVTec LOCO AD).
+"""Image and pixel metrics for industrial anomaly detection (MVTec AD and MVTec LOCO AD).
 
 Every metric is exact: curves are computed over *all* distinct anomaly-score thresholds and
 AUROC counts ties as one half, so results do not depend on a threshold grid and agree with
-scikit-learn / the public MVTec evaluation code. Only numpy and scipy are needed, so the
-scoring workers do not pull in scikit-learn.
+the public MVTec evaluation code. The image-level metrics are scikit-learn's; the pixel
+metrics (pixel AUROC, PRO, sPRO) are computed here, lean on memory.
 
 Cost: the pixel metrics sort the scores of the normal pixels once (``O(N log N)``, about 3 s
 for 600 maps of 256x256 in float32) and keep one copy of them; the anomalous pixels, which are
@@ -14,25 +14,11 @@ float64, float16 and integers are widened losslessly) so ties are neither made n
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
-
-__all__ = [
-    "LocoRegion",
-    "aupro",
-    "auspro",
-    "evaluate",
-    "f1_max",
-    "image_auroc",
-    "loco_regions",
-    "pixel_auroc",
-    "pro_curve",
-    "spro_curve",
-]
 
 LocoRegion = tuple[np.ndarray, float]
 """One MVTec LOCO ground-truth region: ``(bool mask HxW, saturation threshold in pixels)``."""
@@ -182,14 +168,19 @@ def _auroc_sorted(pos_sorted: np.ndarray, neg_sorted: np.ndarray) -> float:
 
 
 def image_auroc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
-    """Image-level ROC AUC (1 = anomalous). Rank based, so tied scores count as 1/2.
+    """Image-level ROC AUC (1 = anomalous): ``sklearn.metrics.roc_auc_score``. Raises
+    ValueError if only one class is present, because the AUROC is undefined then and a silent
+    0.5 or NaN would hide a broken split."""
+    from sklearn.metrics import roc_auc_score
 
-    Equals ``sklearn.metrics.roc_auc_score``. Raises ValueError if only one class is present,
-    because the AUROC is undefined then and a silent 0.5 or NaN would hide a broken split.
-    """
     y = _binary_labels(labels)
     s = _scores_1d(scores, y.size)
-    return _auroc_sorted(np.sort(s[y]), np.sort(s[~y]))
+    if y.all() or not y.any():
+        raise ValueError(
+            "AUROC is undefined when only one class is present "
+            f"({int(y.sum())} positive, {int((~y).sum())} negative samples)"
+        )
+    return float(roc_auc_score(y, s))
 
 
 def pixel_auroc(masks: Any, maps: Any) -> float:
@@ -205,21 +196,17 @@ def pixel_auroc(masks: Any, maps: Any) -> float:
 
 
 def f1_max(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
-    """Best image-level F1 over all thresholds ``score >= t``.
+    """Best image-level F1 over all thresholds ``score >= t``: the maximum of ``2PR/(P+R)``
+    over ``sklearn.metrics.precision_recall_curve`` (a threshold-free F1)."""
+    from sklearn.metrics import precision_recall_curve
 
-    Used to report a threshold-free F1; equals the maximum of ``2PR/(P+R)`` over
-    ``sklearn.metrics.precision_recall_curve``. F1 = 2 TP / (predicted positives + P).
-    """
     y = _binary_labels(labels)
     s = _scores_1d(scores, y.size)
-    n_pos = int(np.count_nonzero(y))
-    if n_pos == 0:
+    if not y.any():
         raise ValueError("F1 is undefined without anomalous samples")
-    order = np.argsort(s, kind="stable")[::-1]
-    s_desc = s[order]
-    tp = np.cumsum(y[order], dtype=np.int64)
-    ends = np.flatnonzero(np.append(s_desc[1:] != s_desc[:-1], True))  # last of each tie
-    f1 = 2.0 * tp[ends] / (ends + 1 + n_pos)
+    precision, recall, _ = precision_recall_curve(y, s)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
     return float(f1.max())
 
 
@@ -355,191 +342,3 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
     """
     fpr, pro, _ = pro_curve(masks, maps)
     return _area_up_to(fpr, pro, fpr_limit)
-
-
-# --------------------------------------------------------------------------- MVTec LOCO sPRO
-
-
-def loco_regions(
-    mask_images: Sequence[np.ndarray], defects_config: Sequence[Mapping[str, Any]]
-) -> list[LocoRegion]:
-    """Turn the ground-truth PNGs of one LOCO image (000.png, 001.png, ...) into regions.
-
-    Each PNG is one region, whatever its connectivity, and holds a single nonzero value: the
-    ``pixel_value`` of its defect type in ``defects_config.json`` (a list of dicts with
-    ``defect_name``, ``pixel_value``, ``saturation_threshold``, ``relative_saturation``).
-    The saturation threshold in pixels is, as in the MVTec LOCO reference,
-    ``int(saturation_threshold * area)`` when relative and ``min(saturation_threshold, area)``
-    when absolute; it is raised to at least one pixel (the reference would divide by zero).
-    """
-    by_value = {int(e["pixel_value"]): e for e in defects_config}
-    regions: list[LocoRegion] = []
-    for i, img in enumerate(mask_images):
-        arr = np.asarray(img)
-        if arr.ndim != 2:
-            raise ValueError(f"ground-truth image {i} must be 2-D, got shape {arr.shape}")
-        values = np.unique(arr)
-        values = values[values != 0]
-        if values.size != 1:
-            raise ValueError(
-                f"ground-truth image {i} must hold exactly one nonzero pixel value, "
-                f"found {values.tolist()}"
-            )
-        pixel_value = int(values[0])
-        if pixel_value not in by_value:
-            raise ValueError(
-                f"pixel value {pixel_value} of ground-truth image {i} is not in defects_config "
-                f"(known: {sorted(by_value)})"
-            )
-        entry = by_value[pixel_value]
-        mask = arr == values[0]
-        area = int(np.count_nonzero(mask))
-        threshold = float(entry["saturation_threshold"])
-        if entry["relative_saturation"]:
-            if not 0.0 < threshold <= 1.0:
-                raise ValueError(f"relative saturation_threshold must be in (0, 1]: {entry}")
-            saturation = float(int(threshold * area))
-        else:
-            saturation = min(threshold, float(area))
-        regions.append((mask, max(saturation, 1.0)))
-    return regions
-
-
-def _as_regions(
-    gt: Sequence[Sequence[Any]], defects_config: Sequence[Mapping[str, Any]] | None
-) -> list[list[LocoRegion]]:
-    if defects_config is not None:
-        return [loco_regions(list(images), defects_config) for images in gt]
-    out: list[list[LocoRegion]] = []
-    for i, regions in enumerate(gt):
-        image_regions: list[LocoRegion] = []
-        for region in regions:
-            if isinstance(region, np.ndarray) or len(region) != 2:
-                raise TypeError(
-                    f"gt[{i}] must be a list of (mask, saturation_threshold) tuples; pass "
-                    "defects_config to convert raw LOCO mask images"
-                )
-            image_regions.append((np.asarray(region[0]), float(region[1])))
-        out.append(image_regions)
-    return out
-
-
-def _spro_inputs(
-    gt: list[list[LocoRegion]], maps: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Normal scores (sorted) plus per-pixel sPRO weights of every region.
-
-    A region with saturation ``s`` reaches sPRO ``min(overlap / s, 1)``; ranking its pixels by
-    score, the j-th one adds ``min(j/s, 1) - min((j-1)/s, 1)``, which is 0 after ``ceil(s)``
-    pixels, so only the top ``ceil(s)`` pixels are kept. Which of several tied pixels gets a
-    weight does not matter: tied pixels turn positive at the same threshold.
-    """
-    map_list = _image_list(maps, "maps")
-    if len(gt) != len(map_list):
-        raise ValueError(f"got ground truth for {len(gt)} images but {len(map_list)} maps")
-    dtype = _common_dtype(map_list)
-    normal: list[np.ndarray] = []
-    pos_parts: list[np.ndarray] = []
-    weight_parts: list[np.ndarray] = []
-    n_regions = 0
-    for i, (regions, mp) in enumerate(zip(gt, map_list, strict=True)):
-        union = np.zeros(mp.shape, dtype=bool)
-        for mask, saturation in regions:
-            if mask.shape != mp.shape:
-                raise ValueError(f"image {i}: region shape {mask.shape} != map {mp.shape}")
-            m = mask if mask.dtype == np.bool_ else mask != 0
-            area = int(np.count_nonzero(m))
-            if area == 0 or not saturation > 0:
-                raise ValueError(f"image {i}: empty region or saturation_threshold <= 0")
-            s = min(float(saturation), float(area))
-            top = int(np.ceil(s))
-            scores = mp[m].astype(dtype, copy=False)
-            best = np.argsort(scores, kind="stable")[::-1][:top]
-            j = np.arange(1, top + 1, dtype=np.float64)
-            pos_parts.append(scores[best])
-            weight_parts.append(np.minimum(j / s, 1.0) - np.minimum((j - 1) / s, 1.0))
-            union |= m
-            n_regions += 1
-        normal.append(~union)
-    neg = _sorted_checked(_gather(map_list, normal, dtype), "normal")
-    pos = np.concatenate(pos_parts) if pos_parts else np.empty(0, dtype=dtype)
-    if np.isnan(pos).any():
-        raise ValueError("anomaly maps contain NaN (anomalous pixels)")
-    weights = np.concatenate(weight_parts) if weight_parts else np.empty(0)
-    return neg, pos, weights, n_regions
-
-
-def spro_curve(
-    gt: Sequence[Sequence[Any]],
-    maps: Any,
-    defects_config: Sequence[Mapping[str, Any]] | None = None,
-    num_thresholds: int | None = None,
-) -> Curve:
-    """MVTec LOCO saturated-PRO curve: ``(fpr, spro, thresholds)``.
-
-    ``gt`` has one entry per image: a list of ``(mask, saturation_threshold)`` regions (see
-    ``loco_regions``; empty for good images) or, with ``defects_config``, the raw ground-truth
-    PNG arrays of that image. sPRO of a region = ``min(overlap / saturation, 1)`` (saturation
-    capped at the region area as in the reference), the curve is the mean over all regions;
-    FPR counts the pixels outside every region, over all images. Like the reference, regions
-    of one image may overlap. ``num_thresholds`` as in ``pro_curve`` (quantiles of the normal
-    and the still-unsaturated region scores). The reference refines a threshold grid
-    adaptively; the exact curve (default) is the limit of that refinement.
-    """
-    neg, pos, weights, n_regions = _spro_inputs(_as_regions(gt, defects_config), maps)
-    return _overlap_curve(neg, pos, weights, n_regions, num_thresholds)
-
-
-def auspro(
-    gt: Sequence[Sequence[Any]],
-    maps: Any,
-    defects_config: Sequence[Mapping[str, Any]] | None = None,
-    fpr_limit: float = 0.05,
-) -> float:
-    """Area under the sPRO curve up to ``fpr_limit`` (default 0.05, the LOCO headline value),
-    divided by ``fpr_limit`` so that it lies in [0, 1]; same integration as ``aupro``.
-
-    The LOCO reference reports it separately for logical and structural anomalies, each
-    together with all good images: pass the corresponding subset of images to get those.
-    """
-    fpr, spro, _ = spro_curve(gt, maps, defects_config)
-    return _area_up_to(fpr, spro, fpr_limit)
-
-
-# --------------------------------------------------------------------------- all at once
-
-
-def evaluate(
-    labels: npt.ArrayLike,
-    scores: npt.ArrayLike,
-    masks: Any = None,
-    maps: Any = None,
-    loco_gt: Sequence[Sequence[LocoRegion]] | None = None,
-    *,
-    pro_fpr_limit: float = 0.3,
-    spro_fpr_limit: float = 0.05,
-) -> dict[str, float | None]:
-    """All metrics of one test set in a dict.
-
-    Keys ``image_auroc``, ``f1_max``, ``pixel_auroc`` and ``aupro`` (the last two None when
-    ``masks`` is None), plus ``auspro`` when ``loco_gt`` (regions as from ``loco_regions``) is
-    given. The normal pixels are sorted once and shared by pixel AUROC and AU-PRO.
-    """
-    result: dict[str, float | None] = {
-        "image_auroc": image_auroc(labels, scores),
-        "pixel_auroc": None,
-        "aupro": None,
-        "f1_max": f1_max(labels, scores),
-    }
-    if (masks is not None or loco_gt is not None) and maps is None:
-        raise ValueError("pixel metrics need the anomaly maps")
-    if masks is not None:
-        neg, pos, weights, n_regions = _pixel_inputs(masks, maps, label_regions=True)
-        assert weights is not None
-        result["pixel_auroc"] = _auroc_sorted(np.sort(pos), neg)
-        fpr, pro, _ = _overlap_curve(neg, pos, weights, n_regions, None)
-        del neg
-        result["aupro"] = _area_up_to(fpr, pro, pro_fpr_limit)
-    if loco_gt is not None:
-        result["auspro"] = auspro(loco_gt, maps, fpr_limit=spro_fpr_limit)
-    return result

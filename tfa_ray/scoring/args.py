@@ -1,0 +1,90 @@
+"""The ``score`` command line options, shared by ``tfa-ray score`` and ``jobs/score.py``."""
+
+from __future__ import annotations
+
+from tfa_ray.data import MAX_PIXELS
+from tfa_ray.package import PRECISIONS
+from tfa_ray.scoring.config import ScoreConfig
+from tfa_ray.scoring.models import LocalResolver, Resolver
+
+
+def add_score_arguments(p) -> None:
+    """The ``score`` options on an argparse parser."""
+    p.add_argument("--input", required=True, help="URL prefix (path, file://, s3://) or manifest")
+    p.add_argument("--output", required=True, help="output URL prefix for the Parquet results")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--category", help="score every input as this category")
+    g.add_argument(
+        "--category-pattern",
+        default="{category}/**",
+        help="where the category sits in the path under the input prefix "
+        "(default '{category}/**': the first component)",
+    )
+    p.add_argument("--root", help="manifest input: paths are relative to this URL")
+    p.add_argument("--alias", default="champion", help="registry alias to score with")
+    p.add_argument("--prefix", default="tfa-", help="registered model name prefix")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="CATEGORY=URL",
+        help="use this model package for a category instead of the registry (repeatable)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument("--shard-size", type=int, default=64, help="images per output file")
+    p.add_argument("--concurrency", type=int, default=1, help="scorer actors")
+    p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--decode-concurrency", type=int, help="max decode tasks at once")
+    p.add_argument(
+        "--heatmaps", action="store_true", help="also store heat maps (16-bit PNG, model scale)"
+    )
+    p.add_argument("--run-id", help="run id; rerun with the same id to resume a run")
+    p.add_argument(
+        "--max-pixels", type=int, default=MAX_PIXELS, help="larger images become error rows"
+    )
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
+    p.add_argument("--device", help="scorer device (default: cuda with GPUs, else cpu)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: also on CPU",
+    )
+    p.add_argument("--report", help="also write the HTML run report to this file")
+    p.add_argument("--json", help="write the run summary as JSON to this file")
+
+
+def config_from_args(args) -> tuple[ScoreConfig, Resolver | None]:
+    """The run's config and resolver (``--model`` packages, else the registry: None)."""
+    cfg = ScoreConfig(
+        input=args.input,
+        output=args.output,
+        category=args.category,
+        category_pattern=args.category_pattern,
+        root=args.root,
+        alias=args.alias,
+        prefix=args.prefix,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        concurrency=args.concurrency,
+        num_gpus_per_actor=args.num_gpus_per_actor,
+        num_cpus_per_actor=args.num_cpus_per_actor,
+        decode_concurrency=args.decode_concurrency,
+        heatmaps=args.heatmaps,
+        run_id=args.run_id,
+        max_pixels=args.max_pixels,
+        endpoint_url=args.endpoint_url,
+        device=args.device,
+        precision=args.precision,
+    )
+    resolver: Resolver | None = None
+    if args.model:
+        packages = {}
+        for spec in args.model:
+            cat, sep, url = spec.partition("=")
+            if not sep or not cat or not url:
+                raise ValueError(f"--model expects CATEGORY=URL, got {spec!r}")
+            packages[cat] = url
+        resolver = LocalResolver(packages, prefix=args.prefix)
+    return cfg, resolver

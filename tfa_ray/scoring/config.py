@@ -1,0 +1,54 @@
+"""The settings of one scoring run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tfa_ray.data import MAX_PIXELS
+
+
+@dataclass
+class ScoreConfig:
+    input: str  # URL prefix (local, file://, s3://) or manifest file (text or Parquet)
+    output: str  # URL prefix; the run goes to <output>/run_id=<id>/
+    category: str | None = None  # one category for every input
+    category_pattern: str = "{category}/**"  # relative to the input prefix / manifest root
+    root: str | None = None  # manifest input: relative paths are under this (default: its dir)
+    alias: str = "champion"
+    prefix: str = "tfa-"
+    batch_size: int = 16  # images per model forward pass
+    shard_size: int = 64  # images per shard = per output file = unit of resume
+    concurrency: int = 1  # scorer actors
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    decode_concurrency: int | None = None  # max decode tasks in flight (None: Ray decides)
+    heatmaps: bool = False
+    run_id: str | None = None
+    max_pixels: int | None = MAX_PIXELS
+    endpoint_url: str | None = None
+    device: str | None = None  # scorer device; default cuda when the actor has a GPU
+    precision: str = "auto"  # see tfa_ray.package.PRECISIONS
+    retry_after_s: float = 30.0  # a scorer actor tries a failed model load again after this
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    run_dir: str
+    total: int
+    ok: int
+    error: int
+    anomalous: int
+    per_category: dict[str, dict[str, int]]
+    shards: int
+    shards_skipped: int
+    seconds: float
+    transient: int = 0  # error rows a rerun with the same run id will score again
+    models: dict[str, Any] = field(default_factory=dict)
+    # distinct worker processes this invocation used per stage (decode tasks, scorer actors)
+    processes: dict[str, int] = field(default_factory=dict)
+    scorer_peak_rss_mb: float = 0.0  # the largest scorer actor's peak resident memory
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,141 @@
+"""The output contract of a scoring run: where files go, the row schema, reading and checking.
+
+A run writes under ``<output>/run_id=<id>/``::
+
+    _plan.json                           the shards (written once; a rerun reads it back)
+    category=<c>/part-<i>.parquet        one file per shard, written atomically
+    _retry/category=<c>/part-<i>.json    marker: that shard holds transient error rows
+    _SUCCESS                             JSON counts, written after verification
+
+One row per input path. ``status`` is ``ok`` or ``error``; an error row's ``error_kind`` says
+whether it is ``permanent`` (an undecodable or unsupported file, a path without a category, a
+category without a model: final) or ``transient`` (I/O, throttling, registry or model-load
+failure that outlasted the retries: a rerun with the same run id scores the shard again and
+replaces its file).
+
+Heat maps (``heatmap_png``, optional) are 16-bit grey PNGs on one scale per model version:
+``value = heatmap_low + png / 65535 * (heatmap_high - heatmap_low)`` recovers the anomaly map
+(see :func:`tfa_ray.package.heatmap_scale`); :func:`decode_heatmap` does exactly that.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from tfa_ray import storage
+
+PLAN_FILE = "_plan.json"
+SUCCESS_FILE = "_SUCCESS"
+RETRY_DIR = "_retry"
+NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+OK, ERROR = "ok", "error"
+PERMANENT, TRANSIENT = "permanent", "transient"
+
+_DICT = pa.dictionary(pa.int32(), pa.string())
+# category / run_id are dictionary strings: the type pyarrow gives hive partition keys, so a
+# dataset read of the output root merges the file columns with the directory names.
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("category", _DICT),
+        ("model_name", pa.string()),
+        ("model_version", pa.int64()),
+        ("score", pa.float64()),
+        ("threshold", pa.float64()),
+        ("is_anomalous", pa.bool_()),
+        ("mask_png", pa.binary()),
+        ("heatmap_png", pa.binary()),
+        ("heatmap_low", pa.float64()),
+        ("heatmap_high", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("error_kind", pa.string()),
+        ("run_id", _DICT),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def run_dir_url(output: str, run_id: str) -> str:
+    return storage.join(output, f"run_id={quote(run_id, safe='')}")
+
+
+def shard_file(category: str | None, index: int) -> str:
+    """The shard's file, relative to the run directory."""
+    cat = quote(category, safe="") if category else NULL_PARTITION
+    return f"category={cat}/part-{index:05d}.parquet"
+
+
+def retry_marker(file: str) -> str:
+    """The marker that says the shard ``file`` must be scored again (relative to the run)."""
+    return f"{RETRY_DIR}/{file.removesuffix('.parquet')}.json"
+
+
+def to_table(cols: dict[str, list]) -> pa.Table:
+    """Column lists (every schema name) -> a table in :data:`OUTPUT_SCHEMA`."""
+    arrays = []
+    for f in OUTPUT_SCHEMA:
+        values = cols.get(f.name) or [None] * len(cols["path"])
+        if pa.types.is_dictionary(f.type):
+            arrays.append(pa.array(values, pa.string()).dictionary_encode())
+        else:
+            arrays.append(pa.array(values, f.type))
+    return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
+
+
+def read_results(
+    url: str, endpoint_url: str | None = None, columns: list[str] | None = None, filter=None
+) -> pa.Table:
+    """The Parquet output under ``url`` (a run directory or the output root) as a table;
+    ``filter`` is a pyarrow dataset expression."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.get_fs(url, endpoint_url)
+    # Every partition key is also a column in the files: read the files' own columns, with the
+    # fixed schema (directory-name inference would turn a category "123" into an integer).
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA)
+    return dataset.to_table(columns=columns, filter=filter)
+
+
+def decode_heatmap(row: dict[str, Any]) -> np.ndarray | None:
+    """The anomaly map (float32, image size) stored in a result row, or None."""
+    if not row.get("heatmap_png"):
+        return None
+    png = np.asarray(Image.open(io.BytesIO(row["heatmap_png"])), dtype=np.float64)
+    low, high = row["heatmap_low"], row["heatmap_high"]
+    return (low + png / 65535.0 * (high - low)).astype(np.float32)
+
+
+def verify(plan: dict, run_dir: str, endpoint_url: str | None) -> dict[str, dict[str, int]]:
+    """Every planned path exactly once; per-category counts (``transient`` among the errors)."""
+    cols = ["path", "category", "status", "error_kind", "is_anomalous"]
+    table = read_results(run_dir, endpoint_url, cols)
+    paths = table.column("path").to_pylist()
+    expected = {p for s in plan["shards"] for p in s["paths"]}
+    if len(paths) != len(set(paths)) or set(paths) != expected:
+        dup = len(paths) - len(set(paths))
+        raise RuntimeError(
+            f"output of run {plan['run_id']} is incomplete or has duplicates: "
+            f"{len(expected - set(paths))} missing, {len(set(paths) - expected)} unexpected, "
+            f"{dup} duplicated"
+        )
+    counts: dict[str, dict[str, int]] = {}
+    for cat, status, kind, anom in zip(
+        *(table.column(c).to_pylist() for c in cols[1:]), strict=True
+    ):
+        c = counts.setdefault(
+            cat or "(none)", {"total": 0, "ok": 0, "error": 0, "transient": 0, "anomalous": 0}
+        )
+        c["total"] += 1
+        c[status] += 1
+        c["transient"] += int(kind == TRANSIENT)
+        c["anomalous"] += int(bool(anom))
+    return counts

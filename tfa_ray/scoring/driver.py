@@ -1,0 +1,229 @@
+"""The driver of a scoring run: plan, build the Ray Data pipeline, verify, summarise.
+
+Exactly once, by construction:
+
+* The plan (``plan.py``) is listed once and written before anything is scored; a rerun with
+  the same run id reads it back, so shards never change.
+* Each shard is one Parquet file under a name derived from the shard, written atomically: a
+  file that exists is complete. A rerun scores the shards without a file and those marked for
+  retry (transient error rows) and replaces their file whole; outputs of shards are disjoint.
+* A scorer actor that dies is restarted by Ray and its task retried (Ray Data's actor pools run
+  with ``max_restarts=-1, max_task_retries=-1``); writes happen downstream of the scorer, so a
+  retried shard is still written exactly once, under the same name.
+* ``<run>/_SUCCESS`` (JSON with counts) is written only after the driver has checked that every
+  planned path is in the output exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from tfa_ray import storage
+from tfa_ray.scoring.config import RunSummary, ScoreConfig
+from tfa_ray.scoring.contract import SUCCESS_FILE, run_dir_url, verify
+from tfa_ray.scoring.models import RegistryResolver, Resolver
+from tfa_ray.scoring.plan import load_or_make_plan, pending_shards
+from tfa_ray.scoring.stages import ShardScorer, decode_shard, write_shard
+
+log = logging.getLogger(__name__)
+
+DECODE_MAX_CALLS = 1000  # shards a decode worker process handles before it is replaced
+
+
+@dataclass
+class Stages:
+    """The pipeline's three stages (tests hand in subclasses / wrappers to inject faults)."""
+
+    decode: Callable[..., dict] = decode_shard
+    scorer: type = ShardScorer
+    write: Callable[..., dict] = write_shard
+
+
+def _new_run_id() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def _pipeline(
+    cfg: ScoreConfig, plan: dict, todo: list[dict], run_dir: str, resolver: Resolver, st: Stages
+) -> Iterable[dict]:
+    import ray.data
+
+    from tfa_ray.ray_env import init_ray
+
+    init_ray()
+    _quiet_ray_data()
+    rows = [
+        {"file": s["file"], "category": s["category"] or "", "paths": json.dumps(s["paths"])}
+        for s in todo
+    ]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    decode_compute = (
+        ray.data.TaskPoolStrategy(size=cfg.decode_concurrency) if cfg.decode_concurrency else None
+    )
+    # max_calls: decode workers are recycled now and then (image decoders fragment memory).
+    # It also keeps Ray Data from fusing this stage into the scorer actors (fusion needs equal
+    # remote args): decoding must scale over the CPUs independently of the (GPU) actor pool.
+    ds = ds.map_batches(
+        st.decode,
+        batch_size=1,
+        num_cpus=1,
+        max_calls=DECODE_MAX_CALLS,
+        compute=decode_compute,
+        fn_kwargs={
+            "models": plan["models"],
+            "max_pixels": cfg.max_pixels,
+            "endpoint_url": cfg.endpoint_url,
+        },
+    )
+    use_gpu = cfg.num_gpus_per_actor > 0
+    ds = ds.map_batches(
+        st.scorer,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=max(1, int(cfg.concurrency))),
+        num_cpus=cfg.num_cpus_per_actor,
+        num_gpus=cfg.num_gpus_per_actor or None,
+        fn_constructor_kwargs={
+            "resolver": resolver,
+            "alias": cfg.alias,
+            "batch_size": cfg.batch_size,
+            "device": cfg.device or ("cuda" if use_gpu else "cpu"),
+            "num_threads": max(1, int(round(cfg.num_cpus_per_actor))),
+            "precision": cfg.precision,
+            "pinned": {c: m["version"] for c, m in plan["models"].items() if "version" in m},
+            "retry_after_s": cfg.retry_after_s,
+        },
+    )
+    ds = ds.map_batches(
+        st.write,
+        batch_size=1,
+        num_cpus=1,
+        fn_kwargs={
+            "run_dir": run_dir,
+            "run_id": plan["run_id"],
+            "heatmaps": cfg.heatmaps,
+            "endpoint_url": cfg.endpoint_url,
+        },
+    )
+    yield from ds.iter_rows()
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's progress table and INFO lines off the console (they stay in Ray's
+    ``ray-data.log``): the driver prints one progress line of its own instead."""
+    import ray.data
+    from ray.util.debug import log_once
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    log_once("ray_data_progress_manager_disabled")  # "progress bars disabled": we know
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)
+
+
+class Progress:
+    """One line now and then: images done / total, images per second, ETA."""
+
+    def __init__(self, total: int, echo: Callable[[str], None], every_s: float = 10.0):
+        self.total, self.echo, self.every_s = total, echo, every_s
+        self.done = 0
+        self.t0 = self.last = time.monotonic()
+
+    def add(self, images: int) -> None:
+        self.done += images
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            self.echo(
+                f"  scored {self.done}/{self.total} images, {rate:.1f} images/s, ETA {eta:.0f}s"
+            )
+
+
+def score(
+    cfg: ScoreConfig,
+    resolver: Resolver | None = None,
+    echo: Callable[[str], None] = print,
+    stages: Stages | None = None,
+) -> RunSummary:
+    """Score ``cfg.input`` into ``cfg.output``; resumes a run whose run id already exists."""
+    t0 = time.perf_counter()
+    if cfg.endpoint_url is None:  # the driver's environment decides the endpoint for all workers
+        env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        cfg = dataclasses.replace(cfg, endpoint_url=env_endpoint or None)
+    resolver = resolver or RegistryResolver(prefix=cfg.prefix)
+    run_id = cfg.run_id or _new_run_id()
+    run_dir = run_dir_url(cfg.output, run_id)
+    plan = load_or_make_plan(cfg, run_id, run_dir, resolver)
+    todo = pending_shards(plan, run_dir, cfg.endpoint_url)
+    skipped = len(plan["shards"]) - len(todo)
+    echo(
+        f"run {run_id}: {plan['num_paths']} images in {len(plan['shards'])} shards"
+        + (f" ({skipped} already done, resuming)" if skipped else "")
+    )
+    for cat, m in sorted(plan["models"].items()):
+        echo(f"  {cat}: " + (m["error"] if "error" in m else f"{m['name']} v{m['version']}"))
+    pids: dict[str, set[int]] = {"decode": set(), "score": set()}
+    peak_rss = 0.0
+    if todo:
+        progress = Progress(sum(len(s["paths"]) for s in todo), echo)
+        for row in _pipeline(cfg, plan, todo, run_dir, resolver, stages or Stages()):
+            pids["decode"].add(int(row["decode_pid"]))
+            pids["score"].add(int(row["score_pid"]))
+            peak_rss = max(peak_rss, float(row["score_rss_mb"]))
+            log.info("shard %s written: %s rows", row["file"], row["rows"])
+            progress.add(int(row["rows"]))
+    counts = verify(plan, run_dir, cfg.endpoint_url)
+    total = {
+        k: sum(c[k] for c in counts.values())
+        for k in ("total", "ok", "error", "transient", "anomalous")
+    }
+    summary = RunSummary(
+        run_id=run_id,
+        run_dir=run_dir,
+        total=total["total"],
+        ok=total["ok"],
+        error=total["error"],
+        transient=total["transient"],
+        anomalous=total["anomalous"],
+        per_category=counts,
+        shards=len(plan["shards"]),
+        shards_skipped=skipped,
+        seconds=time.perf_counter() - t0,
+        models=plan["models"],
+        processes={
+            "decode": len(pids["decode"]),
+            "score": len(pids["score"]),
+            "shared": len(pids["decode"] & pids["score"]),  # 0: stages were not fused
+        },
+        scorer_peak_rss_mb=peak_rss,
+    )
+    success: dict[str, Any] = dict(
+        summary.to_dict(), input=cfg.input, finished=_dt.datetime.now(_dt.UTC).isoformat()
+    )
+    storage.write_bytes(
+        storage.join(run_dir, SUCCESS_FILE),
+        json.dumps(success, indent=2).encode(),
+        cfg.endpoint_url,
+    )
+    echo(
+        f"run {run_id} done: {summary.total} images, {summary.ok} ok, {summary.error} errors, "
+        f"{summary.anomalous} anomalous -> {run_dir}"
+    )
+    if summary.transient:
+        echo(
+            f"  {summary.transient} errors are transient (I/O, registry, model load): rerun with "
+            f"--run-id {run_id} to score them again"
+        )
+    return summary

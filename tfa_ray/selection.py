@@ -1,0 +1,235 @@
+"""Everything chosen without the test split: held-out splits of the normal training images,
+synthetic anomalies pasted into the selection images, the selection score, the inference
+choices made on it and the calibration on a split of its own.
+
+The selection images carry synthetic anomalies with exact masks, half small local defects
+(scratches, blobs, CutPaste, ...) and half large low-frequency ones (shading, stains); the
+selection score is the mean of image AUROC and AUPRO on them. The calibration split sees
+nothing but the final model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from tfa_ray.anomaly import Calibration, calibrate, image_score, reconstruction_loss
+from tfa_ray.config import AnomalyConfig, ModelConfig, Preset
+from tfa_ray.metrics import aupro, image_auroc
+from tfa_ray.model import Detector
+from tfa_ray.package import autocast as package_autocast
+from tfa_ray.synth import KINDS, LARGE_KINDS, paint_defect
+
+if TYPE_CHECKING:
+    from tfa_ray.training import Prepared, TrainState
+
+
+@dataclass
+class ValidationSet:
+    """Held-out normal images plus copies with pasted synthetic anomalies and their masks."""
+
+    normal: torch.Tensor  # (V, 3, S, S) uint8
+    anomalous: torch.Tensor  # (A, 3, S, S) uint8
+    masks: torch.Tensor  # (A, S, S) bool
+
+
+def split_train_val(
+    paths: list[str], val_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Seeded random split of the normal training images; at least one on each side."""
+    if len(paths) < 2:
+        raise ValueError(f"need at least 2 normal training images, found {len(paths)}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(paths))
+    n_val = min(len(paths) - 1, max(1, int(round(val_fraction * len(paths)))))
+    val = sorted(paths[i] for i in order[:n_val])
+    train = sorted(paths[i] for i in order[n_val:])
+    return train, val
+
+
+def split_normals(
+    paths: list[str], val_fraction: float, calib_fraction: float, seed: int
+) -> tuple[list[str], list[str], list[str]]:
+    """(train, selection, calibration): seeded, disjoint, complete; calibration may be empty
+    (``calib_fraction`` 0: the selection images calibrate too, as before)."""
+    if calib_fraction <= 0:
+        return (*split_train_val(paths, val_fraction, seed), [])
+    if len(paths) < 3:
+        raise ValueError(f"need at least 3 normal training images, found {len(paths)}")
+    held = min(len(paths) - 1, max(2, round((val_fraction + calib_fraction) * len(paths))))
+    train, held_out = split_train_val(paths, held / len(paths), seed)
+    calib, val = split_train_val(held_out, val_fraction / (val_fraction + calib_fraction), seed)
+    return train, val, calib
+
+
+def paste_synthetic(
+    image: np.ndarray, rng: np.random.Generator, large: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic defect pasted into an (H, W, 3) uint8 image, and its exact mask.
+
+    Half are small local defects, half large low-frequency ones (real lines have both). Real
+    defects are often faint: the defect is blended in at a random opacity, so neither
+    selection nor denoising training is decided by glaring anomalies only.
+    """
+    kinds = LARGE_KINDS if large and rng.random() < 0.5 else KINDS
+    bad, mask = paint_defect(image, rng, kinds[int(rng.integers(len(kinds)))])
+    opacity = rng.uniform(0.3, 1.0)
+    bad = np.where(mask[..., None], opacity * bad + (1 - opacity) * image, image)
+    bad = bad.round().astype(np.uint8)
+    return np.ascontiguousarray(bad), mask & (bad != image).any(axis=-1)
+
+
+def make_validation_set(
+    images: torch.Tensor, per_image: int, seed: int, large: bool = True
+) -> ValidationSet:
+    rng = np.random.default_rng(seed + 1)
+    anomalous, masks = [], []
+    for img in images:
+        hwc = img.permute(1, 2, 0).numpy()
+        for _ in range(per_image):
+            bad, mask = paste_synthetic(hwc, rng, large)
+            anomalous.append(torch.from_numpy(bad).permute(2, 0, 1))
+            masks.append(torch.from_numpy(mask))
+    return ValidationSet(images, torch.stack(anomalous), torch.stack(masks))
+
+
+def corrupted_copies(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """One copy of every training image with a pasted synthetic defect (denoising inputs)."""
+    rng = np.random.default_rng(seed + 2)
+    out = torch.empty_like(images)
+    for i, img in enumerate(images):
+        bad, _ = paste_synthetic(img.permute(1, 2, 0).numpy(), rng)
+        out[i] = torch.from_numpy(bad).permute(2, 0, 1)
+    return out
+
+
+def autocast(device: torch.device):
+    """The package's precision policy at ``auto`` (bf16 on CUDA, fp32 elsewhere): selection and
+    calibration run at the precision scoring will use."""
+    return package_autocast("auto", device)
+
+
+@torch.no_grad()
+def predict_evidence(
+    detector: Detector,
+    phi: torch.Tensor,
+    preset: Preset,
+    device: torch.device,
+    batch_size: int,
+    statistics: bool = True,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Raw evidence maps (eval mode, the device's inference precision) for cached features, and
+    the mean reconstruction loss."""
+    maps: dict[str, list[torch.Tensor]] = {}
+    losses = []
+    for i in range(0, len(phi), batch_size):
+        x = phi[i : i + batch_size].to(device).float()
+        with autocast(device):
+            x_hat = detector.reconstruct(x)
+            evidence = detector.evidence(x, preset.anomaly, x_hat, statistics)
+        loss, _ = reconstruction_loss(x, x_hat, preset.anomaly)
+        for kind, m in evidence.items():
+            maps.setdefault(kind, []).append(m.float().cpu())
+        losses.append(loss.item() * len(x))
+    return {k: torch.cat(v) for k, v in maps.items()}, sum(losses) / len(phi)
+
+
+SCORE_KINDS = ("std", "max", "topk")
+
+
+def best_image_score(
+    normal_maps: torch.Tensor, anomalous_maps: torch.Tensor, cfg: AnomalyConfig
+) -> tuple[str, float]:
+    """The image score kind that best separates held-out normals from their synthetic-anomaly
+    copies, and its AUROC. ``score="auto"`` tries every kind; otherwise the configured one."""
+    kinds = SCORE_KINDS if cfg.score == "auto" else (cfg.score,)
+    labels = np.r_[np.zeros(len(normal_maps)), np.ones(len(anomalous_maps))]
+    best = ("", -1.0)
+    for kind in kinds:
+        kind_cfg = dataclasses.replace(cfg, score=kind)
+        scores = torch.cat(
+            [image_score(normal_maps, kind_cfg), image_score(anomalous_maps, kind_cfg)]
+        )
+        auc = image_auroc(labels, scores.numpy())
+        if auc > best[1]:
+            best = (kind, auc)
+    return best
+
+
+def selection_score(
+    normal_maps: torch.Tensor, anomalous_maps: torch.Tensor, masks: torch.Tensor, cfg: AnomalyConfig
+) -> tuple[float, dict]:
+    """Mean of image AUROC and AUPRO on held-out normals vs. their synthetic-anomaly copies.
+
+    Pixel maps are average-pooled 4x (masks max-pooled) to keep this cheap every epoch.
+    """
+    kind, img = best_image_score(normal_maps, anomalous_maps, cfg)
+    pool = torch.nn.functional.avg_pool2d
+    maps = pool(torch.cat([normal_maps, anomalous_maps])[:, None], 4)[:, 0].numpy()
+    gt = torch.cat([torch.zeros_like(normal_maps, dtype=torch.bool), masks])
+    gt = torch.nn.functional.max_pool2d(gt[:, None].float(), 4)[:, 0].numpy() > 0
+    pro = aupro(gt, maps)
+    return 0.5 * (img + pro), {"val_image_auroc": img, "val_aupro": pro, "score_kind": kind}
+
+
+def select_inference(
+    state: TrainState, prep: Prepared, preset: Preset, device: torch.device, category: str, echo
+) -> tuple[Preset, float, dict]:
+    """On the selection split only: test-time masking, evidence fusion weight and image score
+    kind of the best epoch's weights. Fits each map's normal scale on the selection normals.
+    Returns the resolved preset, its selection score and every variant's score."""
+    detector, tcfg = state.detector, preset.train
+    trials = [(preset.model.test_mask_passes, preset.model.test_mask_layout)]
+    trials += [(p, "lattice") for p in tcfg.try_test_mask_passes]
+    trials += [(p, "blocks") for p in tcfg.try_test_mask_blocks]
+    weights = tuple(dict.fromkeys((preset.anomaly.w_reconstruction, *tcfg.try_fusion_weights)))
+    if detector.gaussian is None:
+        weights = (preset.anomaly.w_reconstruction,)
+    masks, bs = prep.val.masks, tcfg.batch_size
+    best: tuple[float, ModelConfig, AnomalyConfig, dict] | None = None
+    tried: dict[str, float] = {}
+    for passes, layout in dict.fromkeys(trials):
+        model_cfg = dataclasses.replace(
+            preset.model, test_mask_passes=passes, test_mask_layout=layout
+        )
+        detector.cfg = model_cfg
+        normal, _ = predict_evidence(detector, prep.val_normal_phi, preset, device, bs)
+        anomalous, _ = predict_evidence(detector, prep.val_anomalous_phi, preset, device, bs)
+        norms = {"reconstruction": detector.reconstruction_norm, "gaussian": detector.gaussian_norm}
+        fitted = {kind: norms[kind].fit(m).state_dict() for kind, m in normal.items()}
+        for w in weights:
+            anomaly_cfg = dataclasses.replace(preset.anomaly, w_reconstruction=w)
+            sel, parts = selection_score(
+                detector.fuse(normal, anomaly_cfg),
+                detector.fuse(anomalous, anomaly_cfg),
+                masks,
+                anomaly_cfg,
+            )
+            anomaly_cfg = dataclasses.replace(anomaly_cfg, score=parts["score_kind"])
+            label = f"passes={passes}/{layout} w_rec={w:g} score={parts['score_kind']}"
+            tried[label] = sel
+            echo(f"[{category}] selection {sel:.4f} with {label}")
+            if best is None or sel > best[0]:
+                best = (sel, model_cfg, anomaly_cfg, copy.deepcopy(fitted))
+    sel, model_cfg, anomaly_cfg, fitted = best
+    detector.cfg = model_cfg
+    for kind, norm_state in fitted.items():
+        norms[kind].load_state_dict(norm_state)
+    return dataclasses.replace(preset, model=model_cfg, anomaly=anomaly_cfg), sel, tried
+
+
+def calibrate_model(
+    detector: Detector, prep: Prepared, preset: Preset, device: torch.device
+) -> Calibration:
+    """Threshold and map scale from the calibration split (the selection split when there is
+    none), through the same fused maps and at the same precision scoring uses."""
+    phi = prep.calib_phi if len(prep.calib_phi) else prep.val_normal_phi
+    maps, _ = predict_evidence(detector, phi, preset, device, preset.train.batch_size)
+    fused = detector.fuse(maps, preset.anomaly)
+    scores = image_score(fused, preset.anomaly)
+    return calibrate(scores.numpy(), fused.numpy(), preset.train.target_fpr)
