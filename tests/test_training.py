@@ -135,6 +135,9 @@ def test_evaluation_on_the_test_split(trained, tmp_path):
     assert all(0.0 <= ev.metrics[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "aupro"))
     assert len(list((tmp_path / "maps").iterdir())) == 4
     assert len(ev.scores) == len(data.test) and np.isfinite(ev.scores).all()
+    flagged = ev.scores >= result.calibration.threshold
+    assert ev.metrics["fpr_at_threshold"] == flagged[ev.labels == 0].mean()
+    assert ev.metrics["recall_at_threshold"] == flagged[ev.labels == 1].mean()
 
 
 def test_bad_training_image_stops_training_with_every_bad_file_listed(synth_root, tmp_path):

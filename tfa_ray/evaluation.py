@@ -16,7 +16,7 @@ from PIL import Image
 
 from tfa_ray.data import CategoryData, load_image, load_mask
 from tfa_ray.metrics import evaluate
-from tfa_ray.package import TFAModel, heatmap_uint8
+from tfa_ray.package import TFAModel, heatmap_uint8, is_anomalous
 
 
 @dataclass
@@ -59,9 +59,21 @@ def evaluate_model(
     if data.layout == "loco" and data.defects_config is not None:
         loco_gt = loco_ground_truth(data, size)
     metrics = evaluate(labels, scores, masks, maps, loco_gt=loco_gt)
+    metrics.update(threshold_rates(labels, scores, model.calibration.threshold))
     if maps_dir:
         save_overlays(maps_dir, model, samples, maps, masks, scores, num_maps)
     return Evaluation(metrics, scores, labels, [s.path for s in samples], time.perf_counter() - t0)
+
+
+def threshold_rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """The stored threshold applied to the test split: the fraction of normal images flagged
+    and of defective images caught (the two numbers a line operator asks first)."""
+    flagged = np.array([is_anomalous(float(s), threshold) for s in scores])
+
+    def rate(group: np.ndarray) -> float:
+        return float(flagged[group].mean()) if group.any() else float("nan")
+
+    return {"fpr_at_threshold": rate(labels == 0), "recall_at_threshold": rate(labels == 1)}
 
 
 def loco_ground_truth(data: CategoryData, size: int) -> list:
