@@ -126,56 +126,48 @@ class Preset:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# The paper's numbers (Sec. 4.1.2): WRN50-2 taps after the stem max-pool and layers 1-3
+# (64 + 256 + 512 + 1024 = 1856 channels at 64 x 64), K = 4, TFAM 12 x 768 x 12 heads,
+# FDRM 8 x 512 x 16 heads, AdamW 1e-3, batch 4, 400 epochs.
+PAPER = Preset(
+    model=ModelConfig(
+        backbone=BackboneConfig(
+            name="wide_resnet50_2",
+            taps=("maxpool", "layer1", "layer2", "layer3"),
+            weights="hub",
+        ),
+        mask_ratio=0.75,
+    ),
+    train=TrainConfig(epochs=400, batch_size=4, lr=1e-3),
+)
+
+# Changes beyond the paper that cpu-small and gpu share (see benchmarks/accuracy.py): a bank
+# of 8 templates, the noisy bottleneck, standardised features, a per-position Gaussian fused
+# with the reconstruction at a weight (and test-time masking and score kind) chosen on the
+# selection split.
+BEYOND_PAPER_MODEL = dict(
+    standardize_features=True, num_templates=8, input_dropout=0.1, gaussian_size=32
+)
+BEYOND_PAPER_TRAIN = dict(
+    try_test_mask_passes=(4,),
+    try_test_mask_blocks=(16,),
+    try_fusion_weights=(0.0, 0.25, 0.5, 0.75),
+)
+
 PRESETS: dict[str, Preset] = {
-    # The paper's numbers (Sec. 4.1.2): WRN50-2 taps after the stem max-pool and layers 1-3
-    # (64 + 256 + 512 + 1024 = 1856 channels at 64 x 64), K = 4, TFAM 12 x 768 x 12 heads,
-    # FDRM 8 x 512 x 16 heads, AdamW 1e-3, batch 4, 400 epochs.
-    "paper": Preset(
-        model=ModelConfig(
-            backbone=BackboneConfig(
-                name="wide_resnet50_2",
-                taps=("maxpool", "layer1", "layer2", "layer3"),
-                weights="hub",
-            ),
-            mask_ratio=0.75,
-        ),
-        train=TrainConfig(epochs=400, batch_size=4, lr=1e-3),
-    ),
-    # The paper's network and features plus the changes the cpu-small ablation keeps (see
-    # benchmarks/accuracy.py): a bank of 8 templates, the noisy bottleneck, and a per-position
-    # Gaussian on 32 x 32 pooled features (a seeded subset of 256 of the 1856 channels keeps
-    # its precision matrices at 0.27 GB) fused at a weight chosen on the selection set.
+    "paper": PAPER,
+    # The paper's network and features plus the shared changes; a seeded subset of 256 of the
+    # 1856 channels keeps the Gaussian's precision matrices at 0.27 GB.
     "gpu": Preset(
-        model=ModelConfig(
-            backbone=BackboneConfig(
-                name="wide_resnet50_2",
-                taps=("maxpool", "layer1", "layer2", "layer3"),
-                weights="hub",
-            ),
-            mask_ratio=0.75,
-            standardize_features=True,
-            num_templates=8,
-            input_dropout=0.1,
-            gaussian_size=32,
-            gaussian_channels=256,
-        ),
+        model=dataclasses.replace(PAPER.model, **BEYOND_PAPER_MODEL, gaussian_channels=256),
         anomaly=AnomalyConfig(score="auto"),
-        train=TrainConfig(
-            epochs=400,
-            batch_size=4,
-            lr=1e-3,
-            try_test_mask_passes=(4,),
-            try_test_mask_blocks=(16,),
-            try_fusion_weights=(0.0, 0.25, 0.5, 0.75),
-        ),
+        train=dataclasses.replace(PAPER.train, **BEYOND_PAPER_TRAIN),
     ),
-    # Trains in minutes on two CPU cores with the offline EfficientNet-Lite0 weights; beyond
-    # the paper wherever an ablation row in benchmarks/accuracy.py says so: a deeper tap
-    # (blocks.5, stride 32) for large low-frequency defects, 32 x 32 features with K = 4
-    # (the same 64 tokens as 64 x 64 with K = 8, a quarter of the projection cost), a bank of
-    # 8 templates, the noisy bottleneck, a per-position Gaussian fused with the
-    # reconstruction at a weight chosen on the selection set, and training by time, not
-    # epochs, so a small category gets the same optimiser time as a large one.
+    # Trains in minutes on two CPU cores with the offline EfficientNet-Lite0 weights: the
+    # shared changes plus a deeper tap (blocks.5, stride 32) for large low-frequency defects,
+    # 32 x 32 features with K = 4 (the same 64 tokens as 64 x 64 with K = 8, a quarter of the
+    # projection cost), and training by time, not epochs, so a small category gets the same
+    # optimiser time as a large one.
     "cpu-small": Preset(
         model=ModelConfig(
             backbone=BackboneConfig(taps=("blocks.1", "blocks.2", "blocks.4", "blocks.5")),
@@ -188,21 +180,12 @@ PRESETS: dict[str, Preset] = {
             fdrm_dim=256,
             fdrm_heads=8,
             mask_ratio=0.75,
-            standardize_features=True,
-            num_templates=8,
-            input_dropout=0.1,
-            gaussian_size=32,
             gaussian_channels=192,
+            **BEYOND_PAPER_MODEL,
         ),
         anomaly=AnomalyConfig(score="auto"),
         train=TrainConfig(
-            epochs=0,
-            batch_size=4,
-            lr=1e-3,
-            time_budget_s=720.0,
-            try_test_mask_passes=(4,),
-            try_test_mask_blocks=(16,),
-            try_fusion_weights=(0.0, 0.25, 0.5, 0.75),
+            epochs=0, batch_size=4, lr=1e-3, time_budget_s=720.0, **BEYOND_PAPER_TRAIN
         ),
     ),
     # For tests: tiny images and transformer, seconds per epoch.
