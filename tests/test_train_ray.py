@@ -128,7 +128,13 @@ def test_ddp_two_workers_match_one_worker(ray_cluster, tmp_path):
 
     root = str(tmp_path / "data")
     make_dataset(root, categories=("texture",), n_train=9, n_test_good=1, n_test_defect=1, size=64)
-    preset = get_preset("test-tiny", train__epochs=2, train__batch_size=4, model__mask_ratio=0.0)
+    preset = get_preset(
+        "test-tiny",
+        train__epochs=2,
+        train__batch_size=4,
+        model__mask_ratio=0.0,
+        train__calib_fraction=0.0,  # one held-out image: batches of 4 split 2 + 2
+    )
     runs = []
     for workers in (1, 2):
         settings = train_ray.RaySettings(

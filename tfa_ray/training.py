@@ -80,11 +80,11 @@ def to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 def compute_features(
     detector: Detector, images: torch.Tensor, device: torch.device, batch_size: int = 32
 ) -> torch.Tensor:
-    """phi for a uint8 image tensor, in batches, kept as float16 on the CPU."""
-    out = []
+    """phi for a uint8 image tensor, in batches, kept as float16 on the CPU (empty for none)."""
+    out = [torch.empty(0, dtype=torch.float16)]
     for i in range(0, len(images), batch_size):
         out.append(detector.features(to_float(images[i : i + batch_size], device)).half().cpu())
-    return torch.cat(out)
+    return torch.cat(out[1:]) if len(out) > 1 else out[0]
 
 
 @torch.no_grad()
