@@ -116,3 +116,14 @@ def test_large_synthetic_defects_cover_a_tenth_to_a_half_of_the_image(kind):
         assert not (out != img).any(axis=2)[~mask].any()  # nothing outside the mask
         areas.append(mask.mean())
     assert 0.05 < min(areas) and max(areas) < 0.5
+
+
+def test_template_bank_starts_with_the_papers_template_and_fills_up_when_images_are_few():
+    from tfa_ray.training import pick_templates
+
+    paths = ["a.png", "b.png", "c.png"]
+    phi = torch.tensor([0.0, 10.0, 0.1]).view(3, 1, 1, 1).expand(3, 2, 2, 2).clone()
+    assert pick_templates("c.png", paths, phi, 1) == ["c.png"]
+    assert pick_templates("a.png", paths, phi, 2) == ["a.png", "b.png"]  # the farthest next
+    bank = pick_templates("a.png", paths, phi, 5)
+    assert len(bank) == 5 and bank[0] == "a.png" and set(bank) == set(paths)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -44,7 +43,6 @@ from tfa_ray.selection import (
     split_normals,
 )
 
-log = logging.getLogger(__name__)
 ECHO = functools.partial(print, flush=True)  # progress lines reach logs as they happen
 
 
@@ -229,9 +227,10 @@ def pick_templates(
     keys = train_phi.float().mean(dim=(2, 3))
     first = train_paths.index(data_template) if data_template in train_paths else None
     if first is None:  # an external template: k-center over the training images alone
-        return [data_template] + [train_paths[i] for i in greedy_coreset(keys, count - 1)]
-    order = greedy_coreset(keys, count, start=first)
-    return [train_paths[i] for i in order]
+        picked = [data_template] + [train_paths[i] for i in greedy_coreset(keys, count - 1)]
+    else:
+        picked = [train_paths[i] for i in greedy_coreset(keys, count, start=first)]
+    return (picked * count)[:count]  # fewer images than templates: some repeat
 
 
 def prepare(
