@@ -285,8 +285,6 @@ class Detector(nn.Module):
         self.templates.copy_(templates.reshape(self.templates.shape).to(self.templates))
         self.refresh_templates()
 
-    set_template = set_templates
-
     @torch.no_grad()
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.feature_mean.copy_(mean)
