@@ -9,7 +9,7 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from tfa_ray.scoring import ScoreConfig, run_dir_url
+from tfa_ray.scoring import ScoreConfig, read_results, run_dir_url
 from tfa_ray.scoring.contract import to_table
 from tfa_ray.scoring.listing import iter_prefix
 from tfa_ray.scoring.manifest import ManifestConfig, read_shard_paths
@@ -116,6 +116,7 @@ def test_verify_streams_and_catches_a_missing_and_a_duplicated_path(tmp_path, mo
     }
     # one manifest file's outputs at a time, never the whole run's paths
     assert sum(seen) == len(expected) and max(seen) < 300
+    assert read_results(run_dir, columns=["path"]).num_rows == len(expected)  # _plan/ unread
 
     victim = sorted(expected)[123]
     _fake_outputs(plan, run_dir, drop=victim)

@@ -16,7 +16,7 @@ from tfa_ray import storage
 from tfa_ray.data import IMAGE_SUFFIXES
 
 MANIFEST_SUFFIXES = (".txt", ".lst", ".list", ".manifest", ".csv", ".parquet")
-BATCH = 65536  # paths per yielded batch
+BATCH = 16384  # paths per yielded batch (as Python strings: a few MiB)
 LIST_THREADS = 16  # sub-prefixes listed at once (object stores answer one page at a time)
 
 Entry = tuple[str, str | None]  # (path, category from the manifest or None)

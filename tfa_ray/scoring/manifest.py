@@ -30,9 +30,11 @@ ROW_GROUP = 8192  # rows per Parquet row group: one shard is read with a statist
 
 @dataclass
 class ManifestConfig:
-    spill_rows: int = 1 << 20  # paths sorted in memory at once before they go to a temp file
-    merge_rows: int = 1 << 19  # paths of all sorted runs held at once while merging
-    group_rows: int = 1 << 20  # paths per manifest file (cut between shards)
+    # Sizes in paths; each bounds a working set of a few times its size x ~100 bytes, small
+    # next to a driver that has torch and Ray imported (~0.8 GiB before any work).
+    spill_rows: int = 1 << 18  # sorted in memory at once before they go to a temp file
+    merge_rows: int = 1 << 18  # of all sorted runs held at once while merging
+    group_rows: int = 1 << 18  # per manifest file (cut between shards); verified at once
 
 
 @dataclass

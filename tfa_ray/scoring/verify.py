@@ -54,7 +54,7 @@ def _add_counts(counts: dict[str, dict[str, int]], out: pa.Table) -> None:
 def compare_paths(expected: pa.Array, got: pa.Array) -> tuple[int, int, int]:
     """(missing, unexpected, duplicated) of ``got`` against the distinct paths ``expected``."""
     distinct = pc.unique(got)
-    missing = len(expected) - pc.sum(pc.is_in(expected, value_set=distinct)).as_py()
+    missing = len(expected) - (pc.sum(pc.is_in(expected, value_set=distinct)).as_py() or 0)
     unexpected = len(distinct) - (pc.sum(pc.is_in(distinct, value_set=expected)).as_py() or 0)
     return missing, unexpected, len(got) - len(distinct)
 
