@@ -91,7 +91,7 @@ def step_fake_outputs(workdir: str, shard_size: int) -> dict:
 
     from tfa_ray.scoring import OUTPUT_SCHEMA, run_dir_url
     from tfa_ray.scoring.contract import shard_file
-    from tfa_ray.scoring.manifest import _shard_starts, read_manifest
+    from tfa_ray.scoring.manifest import read_manifest, shard_starts
     from tfa_ray.scoring.plan import load_or_make_plan
 
     cfg = _cfg(workdir, shard_size)
@@ -106,7 +106,7 @@ def step_fake_outputs(workdir: str, shard_size: int) -> dict:
         cols["status"] = pa.array(["ok"] * n, pa.string())
         cols["run_id"] = pa.array(["bench"] * n, pa.string()).dictionary_encode()
         table = pa.table(cols, schema=OUTPUT_SCHEMA)
-        starts = list(_shard_starts(m)) + [n]
+        starts = list(shard_starts(m)) + [n]
         for a, b in zip(starts[:-1], starts[1:], strict=True):
             cat, shard = m.column("category")[a].as_py(), m.column("shard")[a].as_py()
             out = os.path.join(run_dir, shard_file(cat, shard))

@@ -112,7 +112,7 @@ def _by_category(t: pa.Table) -> Iterator[tuple[str | None, np.ndarray]]:
         yield cat, np.flatnonzero(mask.to_numpy(zero_copy_only=False))
 
 
-def _shard_starts(rows: pa.Table) -> np.ndarray:
+def shard_starts(rows: pa.Table) -> np.ndarray:
     """Row indices where a new shard begins in rows sorted by category and shard."""
     if not rows.num_rows:
         return np.zeros(0, np.int64)
@@ -172,7 +172,7 @@ def write_manifest(
             """Write ``rows`` (whole shards), starting a new file at a shard boundary once a
             file holds ``group_rows`` paths."""
             nonlocal writer, written
-            ends = np.append(_shard_starts(rows)[1:], rows.num_rows)
+            ends = np.append(shard_starts(rows)[1:], rows.num_rows)
             pos = 0
             while pos < rows.num_rows:
                 fit = ends[(ends > pos) & (ends <= pos + cfg.group_rows - written)]

@@ -84,7 +84,7 @@ def assign_categories(
 
 
 # --------------------------------------------------------------------------------------
-# the plan
+# models
 
 
 def resolve_category(cfg: ScoreConfig, category: str, resolver: Resolver) -> dict[str, Any]:
