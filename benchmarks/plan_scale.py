@@ -29,7 +29,7 @@ import tempfile
 import time
 
 CATEGORIES = 16
-BLOCK = 1 << 20
+BLOCK = 1 << 17  # paths per write = per row group of the input manifest
 
 
 def _peak_mib() -> float:

@@ -32,9 +32,9 @@ ROW_GROUP = 8192  # rows per Parquet row group: one shard is read with a statist
 class ManifestConfig:
     # Sizes in paths; each bounds a working set of a few times its size x ~100 bytes, small
     # next to a driver that has torch and Ray imported (~0.8 GiB before any work).
-    spill_rows: int = 1 << 18  # sorted in memory at once before they go to a temp file
-    merge_rows: int = 1 << 18  # of all sorted runs held at once while merging
-    group_rows: int = 1 << 18  # per manifest file (cut between shards); verified at once
+    spill_rows: int = 1 << 17  # sorted in memory at once before they go to a temp file
+    merge_rows: int = 1 << 17  # of all sorted runs held at once while merging
+    group_rows: int = 1 << 17  # per manifest file (cut between shards); verified at once
 
 
 @dataclass
@@ -54,7 +54,7 @@ def _spill(tables: Iterable[pa.Table], tmp: str, rows: int) -> list[str]:
         t = pa.concat_tables(buf)
         t = t.take(pc.sort_indices(t, [("path", "ascending")]))
         runs.append(os.path.join(tmp, f"run-{len(runs):05d}.parquet"))
-        pq.write_table(t, runs[-1], row_group_size=65536)
+        pq.write_table(t, runs[-1], row_group_size=ROW_GROUP)  # the merge reads a group per run
         buf.clear()
 
     for t in tables:

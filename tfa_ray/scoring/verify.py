@@ -27,7 +27,7 @@ def _read_outputs(run_dir: str, files: list[str], endpoint_url: str | None) -> p
         return OUTPUT_SCHEMA.empty_table().select(_COLUMNS)
     paths = [f"{base.rstrip('/')}/{f}" for f in files]
     dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA)
-    return dataset.to_table(columns=_COLUMNS)
+    return dataset.to_table(columns=_COLUMNS, use_threads=False)  # one file at a time
 
 
 def _add_counts(counts: dict[str, dict[str, int]], out: pa.Table) -> None:
