@@ -32,7 +32,7 @@ ROW_GROUP = 8192  # rows per Parquet row group: one shard is read with a statist
 class ManifestConfig:
     # Sizes in paths; each bounds a working set of a few times its size x ~100 bytes, small
     # next to a driver that has torch and Ray imported (~0.8 GiB before any work).
-    spill_rows: int = 1 << 17  # sorted in memory at once before they go to a temp file
+    spill_rows: int = 1 << 19  # sorted in memory at once; fewer runs, fewer open readers
     merge_rows: int = 1 << 17  # of all sorted runs held at once while merging
     group_rows: int = 1 << 17  # per manifest file (cut between shards); verified at once
 
@@ -72,7 +72,7 @@ def _merge(runs: list[str], merge_rows: int) -> Iterator[pa.Table]:
     """The sorted runs merged, duplicates dropped (the first in run order is kept), a bounded
     chunk at a time: each step takes every buffered row up to the smallest buffered maximum."""
     per_run = max(1024, merge_rows // max(1, len(runs)))
-    iters = [pq.ParquetFile(r).iter_batches(batch_size=per_run) for r in runs]
+    iters = [pq.ParquetFile(r).iter_batches(per_run, use_threads=False) for r in runs]
     bufs: list[pa.Table] = [SCHEMA.remove(2).empty_table()] * len(runs)
 
     def refill(i: int) -> bool:
