@@ -5,9 +5,11 @@
                    ->  encode masks / heat maps + write the shard's Parquet (CPU tasks)
 
 Modules, one concern each: ``contract`` (output layout, schema, reading, verification),
-``config`` (the run's settings and summary), ``models`` (category -> model package), ``plan``
-(listing, categories, shards, resume), ``stages`` (the three Ray Data stages), ``driver`` (the
-run), ``args`` (command line options).
+``config`` (the run's settings and summary), ``models`` (category -> model package),
+``listing`` (the input as bounded batches), ``manifest`` (the plan's paths as Parquet, sorted
+out of core), ``plan`` (categories, models, shards, resume), ``verify`` (every path exactly
+once, streamed), ``stages`` (the three Ray Data stages), ``driver`` (the run), ``args``
+(command line options).
 """
 
 from tfa_ray.scoring.args import add_score_arguments, config_from_args
@@ -20,8 +22,9 @@ from tfa_ray.scoring.contract import (
     run_dir_url,
 )
 from tfa_ray.scoring.driver import Stages, score
+from tfa_ray.scoring.listing import list_inputs
 from tfa_ray.scoring.models import LocalResolver, RegistryResolver, Resolver
-from tfa_ray.scoring.plan import category_regex, list_inputs
+from tfa_ray.scoring.plan import category_regex
 from tfa_ray.scoring.stages import ShardScorer, decode_shard, write_shard
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 A run writes under ``<output>/run_id=<id>/``::
 
-    _plan.json                           the shards (written once; a rerun reads it back)
+    _plan.json                           the plan's header: models, counts, manifest files
+    _plan/part-<i>.parquet               the plan's paths: path, category, shard (see manifest)
     category=<c>/part-<i>.parquet        one file per shard, written atomically
     _retry/category=<c>/part-<i>.json    marker: that shard holds transient error rows
     _SUCCESS                             JSON counts, written after verification
@@ -112,30 +113,3 @@ def decode_heatmap(row: dict[str, Any]) -> np.ndarray | None:
     png = np.asarray(Image.open(io.BytesIO(row["heatmap_png"])), dtype=np.float64)
     low, high = row["heatmap_low"], row["heatmap_high"]
     return (low + png / 65535.0 * (high - low)).astype(np.float32)
-
-
-def verify(plan: dict, run_dir: str, endpoint_url: str | None) -> dict[str, dict[str, int]]:
-    """Every planned path exactly once; per-category counts (``transient`` among the errors)."""
-    cols = ["path", "category", "status", "error_kind", "is_anomalous"]
-    table = read_results(run_dir, endpoint_url, cols)
-    paths = table.column("path").to_pylist()
-    expected = {p for s in plan["shards"] for p in s["paths"]}
-    if len(paths) != len(set(paths)) or set(paths) != expected:
-        dup = len(paths) - len(set(paths))
-        raise RuntimeError(
-            f"output of run {plan['run_id']} is incomplete or has duplicates: "
-            f"{len(expected - set(paths))} missing, {len(set(paths) - expected)} unexpected, "
-            f"{dup} duplicated"
-        )
-    counts: dict[str, dict[str, int]] = {}
-    for cat, status, kind, anom in zip(
-        *(table.column(c).to_pylist() for c in cols[1:]), strict=True
-    ):
-        c = counts.setdefault(
-            cat or "(none)", {"total": 0, "ok": 0, "error": 0, "transient": 0, "anomalous": 0}
-        )
-        c["total"] += 1
-        c[status] += 1
-        c["transient"] += int(kind == TRANSIENT)
-        c["anomalous"] += int(bool(anom))
-    return counts

@@ -3,7 +3,8 @@
 Exactly once, by construction:
 
 * The plan (``plan.py``) is listed once and written before anything is scored; a rerun with
-  the same run id reads it back, so shards never change.
+  the same run id reads it back, so shards never change. Its paths stay in Parquet manifest
+  files (``manifest.py``): pipeline rows name a shard, and the decode task reads its paths.
 * Each shard is one Parquet file under a name derived from the shard, written atomically: a
   file that exists is complete. A rerun scores the shards without a file and those marked for
   retry (transient error rows) and replaces their file whole; outputs of shards are disjoint.
@@ -29,10 +30,11 @@ from typing import Any
 
 from tfa_ray import storage
 from tfa_ray.scoring.config import RunSummary, ScoreConfig
-from tfa_ray.scoring.contract import SUCCESS_FILE, run_dir_url, verify
+from tfa_ray.scoring.contract import SUCCESS_FILE, run_dir_url
 from tfa_ray.scoring.models import RegistryResolver, Resolver
-from tfa_ray.scoring.plan import load_or_make_plan, pending_shards
+from tfa_ray.scoring.plan import Plan, load_or_make_plan, pending_shards
 from tfa_ray.scoring.stages import ShardScorer, decode_shard, write_shard
+from tfa_ray.scoring.verify import COUNT_KEYS, verify
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def _new_run_id() -> str:
 
 
 def _pipeline(
-    cfg: ScoreConfig, plan: dict, todo: list[dict], run_dir: str, resolver: Resolver, st: Stages
+    cfg: ScoreConfig, plan: Plan, todo: list[dict], run_dir: str, resolver: Resolver, st: Stages
 ) -> Iterable[dict]:
     import ray.data
 
@@ -62,7 +64,12 @@ def _pipeline(
     init_ray()
     _quiet_ray_data()
     rows = [
-        {"file": s["file"], "category": s["category"] or "", "paths": json.dumps(s["paths"])}
+        {
+            "file": s["file"],
+            "category": s["category"] or "",
+            "manifest": s["manifest"],
+            "shard": s["shard"],
+        }
         for s in todo
     ]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -79,7 +86,7 @@ def _pipeline(
         max_calls=DECODE_MAX_CALLS,
         compute=decode_compute,
         fn_kwargs={
-            "models": plan["models"],
+            "models": plan.models,
             "max_pixels": cfg.max_pixels,
             "endpoint_url": cfg.endpoint_url,
         },
@@ -98,7 +105,7 @@ def _pipeline(
             "device": cfg.device or ("cuda" if use_gpu else "cpu"),
             "num_threads": max(1, int(round(cfg.num_cpus_per_actor))),
             "precision": cfg.precision,
-            "pinned": {c: m["version"] for c, m in plan["models"].items() if "version" in m},
+            "pinned": {c: m["version"] for c, m in plan.models.items() if "version" in m},
             "retry_after_s": cfg.retry_after_s,
         },
     )
@@ -108,7 +115,7 @@ def _pipeline(
         num_cpus=1,
         fn_kwargs={
             "run_dir": run_dir,
-            "run_id": plan["run_id"],
+            "run_id": plan.run_id,
             "heatmaps": cfg.heatmaps,
             "endpoint_url": cfg.endpoint_url,
         },
@@ -167,17 +174,17 @@ def score(
     run_dir = run_dir_url(cfg.output, run_id)
     plan = load_or_make_plan(cfg, run_id, run_dir, resolver)
     todo = pending_shards(plan, run_dir, cfg.endpoint_url)
-    skipped = len(plan["shards"]) - len(todo)
+    skipped = plan.num_shards - len(todo)
     echo(
-        f"run {run_id}: {plan['num_paths']} images in {len(plan['shards'])} shards"
+        f"run {run_id}: {plan.num_paths} images in {plan.num_shards} shards"
         + (f" ({skipped} already done, resuming)" if skipped else "")
     )
-    for cat, m in sorted(plan["models"].items()):
+    for cat, m in sorted(plan.models.items()):
         echo(f"  {cat}: " + (m["error"] if "error" in m else f"{m['name']} v{m['version']}"))
     pids: dict[str, set[int]] = {"decode": set(), "score": set()}
     peak_rss = 0.0
     if todo:
-        progress = Progress(sum(len(s["paths"]) for s in todo), echo)
+        progress = Progress(sum(s["rows"] for s in todo), echo)
         for row in _pipeline(cfg, plan, todo, run_dir, resolver, stages or Stages()):
             pids["decode"].add(int(row["decode_pid"]))
             pids["score"].add(int(row["score_pid"]))
@@ -185,10 +192,7 @@ def score(
             log.info("shard %s written: %s rows", row["file"], row["rows"])
             progress.add(int(row["rows"]))
     counts = verify(plan, run_dir, cfg.endpoint_url)
-    total = {
-        k: sum(c[k] for c in counts.values())
-        for k in ("total", "ok", "error", "transient", "anomalous")
-    }
+    total = {k: sum(c[k] for c in counts.values()) for k in COUNT_KEYS}
     summary = RunSummary(
         run_id=run_id,
         run_dir=run_dir,
@@ -198,10 +202,10 @@ def score(
         transient=total["transient"],
         anomalous=total["anomalous"],
         per_category=counts,
-        shards=len(plan["shards"]),
+        shards=plan.num_shards,
         shards_skipped=skipped,
         seconds=time.perf_counter() - t0,
-        models=plan["models"],
+        models=plan.models,
         processes={
             "decode": len(pids["decode"]),
             "score": len(pids["score"]),

@@ -1,36 +1,38 @@
 """The plan of a run: list the input once, give every path a category, resolve each category's
 model, cut deterministic shards; on a rerun, read the plan back and find what is left to do.
 
-The plan is written to ``<run>/_plan.json`` once, so shards never change between a run and
-its reruns. Only model resolutions that failed *transiently* (registry unreachable, download
-failed) are tried again on a rerun; the plan is then rewritten with what they resolve to.
+The plan is a small JSON header ``<run>/_plan.json`` (models, counts, the manifest files) and
+the path manifest under ``<run>/_plan/`` (``manifest``), written once, header last: a header
+that exists names a complete manifest, so shards never change between a run and its reruns.
+Only model resolutions that failed *transiently* (registry unreachable, download failed) are
+tried again on a rerun; the header is then rewritten with what they resolve to.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
 import logging
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from tfa_ray import storage
-from tfa_ray.data import IMAGE_SUFFIXES
 from tfa_ray.retry import is_transient
 from tfa_ray.scoring.config import ScoreConfig
-from tfa_ray.scoring.contract import PLAN_FILE, RETRY_DIR, retry_marker, shard_file
+from tfa_ray.scoring.contract import PLAN_FILE, RETRY_DIR, retry_marker
+from tfa_ray.scoring.listing import Entry, iter_inputs
+from tfa_ray.scoring.manifest import PLAN_DIR, ManifestConfig, read_shards, write_manifest
 from tfa_ray.scoring.models import Resolver
 
 log = logging.getLogger(__name__)
 
-MANIFEST_SUFFIXES = (".txt", ".lst", ".list", ".manifest", ".csv", ".parquet")
-
 
 # --------------------------------------------------------------------------------------
-# listing and categories
+# categories
 
 
 def category_regex(pattern: str) -> re.Pattern[str]:
@@ -55,48 +57,6 @@ def category_regex(pattern: str) -> re.Pattern[str]:
         else:
             out.append(re.escape(tok))
     return re.compile("".join(out))
-
-
-def _is_manifest(url: str, endpoint_url: str | None) -> bool:
-    return url.lower().endswith(MANIFEST_SUFFIXES) and not storage.is_dir(url, endpoint_url)
-
-
-def _read_manifest(url: str, endpoint_url: str | None) -> list[tuple[str, str | None]]:
-    data = storage.read_bytes(url, endpoint_url)
-    if url.lower().endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data))
-        if "path" not in table.column_names:
-            raise ValueError(f"manifest {url} has no 'path' column (columns: {table.column_names})")
-        paths = table.column("path").to_pylist()
-        cats = (
-            table.column("category").to_pylist()
-            if "category" in table.column_names
-            else [None] * len(paths)
-        )
-        return [(str(p), c) for p, c in zip(paths, cats, strict=True) if p]
-    lines = data.decode("utf-8-sig").splitlines()
-    return [(ln.strip(), None) for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-
-
-def _is_absolute(path: str) -> bool:
-    return "://" in path or path.startswith("/")
-
-
-def list_inputs(
-    input_url: str, endpoint_url: str | None = None, root: str | None = None
-) -> tuple[str, list[tuple[str, str | None]]]:
-    """(root, [(path, category from the manifest or None)]) for a prefix or a manifest.
-
-    A manifest's relative paths are joined to ``root`` (default: the manifest's directory)."""
-    if _is_manifest(input_url, endpoint_url):
-        base = storage.normalize(root or storage.normalize(input_url).rsplit("/", 1)[0])
-        entries = [
-            (p if _is_absolute(p) else storage.join(base, p), c)
-            for p, c in _read_manifest(input_url, endpoint_url)
-        ]
-        return base, entries
-    files = storage.list_files(input_url, IMAGE_SUFFIXES, endpoint_url=endpoint_url)
-    return storage.normalize(root or input_url), [(f, None) for f in files]
 
 
 def _relative(path: str, root: str) -> str:
@@ -124,7 +84,7 @@ def assign_categories(
 
 
 # --------------------------------------------------------------------------------------
-# the plan
+# models
 
 
 def resolve_category(cfg: ScoreConfig, category: str, resolver: Resolver) -> dict[str, Any]:
@@ -144,78 +104,139 @@ def resolve_category(cfg: ScoreConfig, category: str, resolver: Resolver) -> dic
         }
 
 
-def make_plan(cfg: ScoreConfig, run_id: str, resolver: Resolver) -> dict[str, Any]:
-    """List the input, assign categories, resolve each category's model once, cut shards."""
-    root, entries = list_inputs(cfg.input, cfg.endpoint_url, cfg.root)
-    if not entries:
+# --------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass
+class Plan:
+    """The header of a run's plan; its shards stream from the manifest files."""
+
+    header: dict[str, Any]
+    run_dir: str
+    endpoint_url: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.header["run_id"]
+
+    @property
+    def models(self) -> dict[str, Any]:
+        return self.header["models"]
+
+    @property
+    def num_paths(self) -> int:
+        return int(self.header["num_paths"])
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.header["num_shards"])
+
+    def manifest_urls(self) -> list[str]:
+        return [storage.join(self.run_dir, f) for f in self.header["manifest"]]
+
+    def shards(self) -> Iterator[dict[str, Any]]:
+        """Every shard (file, category, shard, rows, manifest url), one manifest at a time."""
+        for url in self.manifest_urls():
+            for s in read_shards(url, self.endpoint_url):
+                yield dict(s, manifest=url)
+
+
+def _category_tables(
+    batches: Iterator[list[Entry]], root: str, category: str | None, pattern: str
+) -> Iterator[pa.Table]:
+    for batch in batches:
+        pairs = assign_categories(batch, root, category, pattern)
+        yield pa.table(
+            {"path": [p for p, _ in pairs], "category": [c for _, c in pairs]},
+            schema=pa.schema([("path", pa.string()), ("category", pa.string())]),
+        )
+
+
+def make_plan(
+    cfg: ScoreConfig,
+    run_id: str,
+    run_dir: str,
+    resolver: Resolver,
+    manifest: ManifestConfig | None = None,
+) -> Plan:
+    """List the input, assign categories, write the manifest, resolve each category's model."""
+    root, batches = iter_inputs(cfg.input, cfg.endpoint_url, cfg.root)
+    tables = _category_tables(batches, root, cfg.category, cfg.category_pattern)
+    stats = write_manifest(tables, run_dir, cfg.shard_size, cfg.endpoint_url, manifest)
+    if not stats.num_paths:
         raise ValueError(f"no input images under {cfg.input}")
-    pairs = assign_categories(entries, root, cfg.category, cfg.category_pattern)
-    seen: set[str] = set()
-    by_cat: dict[str | None, list[str]] = {}
-    for path, cat in pairs:
-        if path in seen:  # a manifest that names a file twice still gives one row
-            continue
-        seen.add(path)
-        by_cat.setdefault(cat, []).append(path)
-    models = {cat: resolve_category(cfg, cat, resolver) for cat in sorted(c for c in by_cat if c)}
-    shards = []
-    size = max(1, int(cfg.shard_size))
-    for cat in sorted(by_cat, key=lambda c: (c is None, c or "")):
-        paths = sorted(by_cat[cat])
-        for i in range(0, len(paths), size):
-            shards.append(
-                {"file": shard_file(cat, i // size), "category": cat, "paths": paths[i : i + size]}
-            )
-    return {
+    cats = sorted(c for c in stats.categories if c)
+    header = {
         "run_id": run_id,
         "input": cfg.input,
         "created": _dt.datetime.now(_dt.UTC).isoformat(),
         "category_pattern": None if cfg.category else cfg.category_pattern,
         "alias": cfg.alias,
-        "models": models,
-        "num_paths": len(seen),
-        "shards": shards,
+        "models": {c: resolve_category(cfg, c, resolver) for c in cats},
+        "num_paths": stats.num_paths,
+        "num_shards": sum(c["shards"] for c in stats.categories.values()),
+        "shard_size": max(1, int(cfg.shard_size)),
+        "categories": [[c, n["paths"], n["shards"]] for c, n in stats.categories.items()],
+        "manifest": stats.files,
     }
+    return Plan(header, run_dir, cfg.endpoint_url)
 
 
-def load_or_make_plan(cfg: ScoreConfig, run_id: str, run_dir: str, resolver: Resolver) -> dict:
+def _write_header(plan: Plan) -> None:
+    url = storage.join(plan.run_dir, PLAN_FILE)
+    storage.write_bytes(url, json.dumps(plan.header).encode(), plan.endpoint_url)
+
+
+def load_or_make_plan(
+    cfg: ScoreConfig,
+    run_id: str,
+    run_dir: str,
+    resolver: Resolver,
+    manifest: ManifestConfig | None = None,
+) -> Plan:
     """The run's plan: read back (models that failed transiently resolved again) or made."""
     plan_url = storage.join(run_dir, PLAN_FILE)
     if not storage.exists(plan_url, cfg.endpoint_url):
-        plan = make_plan(cfg, run_id, resolver)
-        storage.write_bytes(plan_url, json.dumps(plan).encode(), cfg.endpoint_url)
+        plan = make_plan(cfg, run_id, run_dir, resolver, manifest)
+        _write_header(plan)  # last: the commit point of the plan
         return plan
-    plan = json.loads(storage.read_bytes(plan_url, cfg.endpoint_url))
-    if plan.get("input") != cfg.input:
+    header = json.loads(storage.read_bytes(plan_url, cfg.endpoint_url))
+    if header.get("input") != cfg.input:
         raise ValueError(
-            f"run {run_id!r} already exists for input {plan.get('input')!r}, not "
+            f"run {run_id!r} already exists for input {header.get('input')!r}, not "
             f"{cfg.input!r}: use another --run-id"
         )
-    log.info("resuming run %s: plan with %d shards", run_id, len(plan["shards"]))
-    retry = [c for c, m in plan["models"].items() if m.get("transient")]
+    if "manifest" not in header:
+        raise ValueError(f"run {run_id!r} has a plan of an older format: use another --run-id")
+    plan = Plan(header, run_dir, cfg.endpoint_url)
+    log.info("resuming run %s: plan with %d shards", run_id, plan.num_shards)
+    retry = [c for c, m in plan.models.items() if m.get("transient")]
     if retry:
         for cat in retry:
-            plan["models"][cat] = resolve_category(cfg, cat, resolver)
-        storage.write_bytes(plan_url, json.dumps(plan).encode(), cfg.endpoint_url)
+            plan.models[cat] = resolve_category(cfg, cat, resolver)
+        _write_header(plan)
     return plan
 
 
-def _listed(url: str, suffix: str, endpoint_url: str | None) -> set[str]:
-    """Files under ``url`` with ``suffix``, relative to ``url`` (none if it does not exist)."""
+def listed(url: str, suffix: str, endpoint_url: str | None) -> set[str]:
+    """Files under ``url`` with ``suffix``, relative to ``url`` (none if it does not exist);
+    the plan's own manifest is not among them. One entry per shard, not per path."""
     try:
         files = storage.list_files(url, (suffix,), endpoint_url=endpoint_url)
     except FileNotFoundError:
         return set()
     base = storage.normalize(url).rstrip("/") + "/"
-    return {f[len(base) :] for f in files if f.startswith(base)}
+    rel = (f[len(base) :] for f in files if f.startswith(base))
+    return {f for f in rel if not f.startswith(PLAN_DIR + "/")}
 
 
-def pending_shards(plan: dict, run_dir: str, endpoint_url: str | None) -> list[dict]:
+def pending_shards(plan: Plan, run_dir: str, endpoint_url: str | None) -> list[dict]:
     """The shards still to score: no file yet, or a file with transient error rows."""
-    written = _listed(run_dir, ".parquet", endpoint_url)
+    written = listed(run_dir, ".parquet", endpoint_url)
     retry = {
-        f"{RETRY_DIR}/{m}" for m in _listed(storage.join(run_dir, RETRY_DIR), ".json", endpoint_url)
+        f"{RETRY_DIR}/{m}" for m in listed(storage.join(run_dir, RETRY_DIR), ".json", endpoint_url)
     }
     return [
-        s for s in plan["shards"] if s["file"] not in written or retry_marker(s["file"]) in retry
+        s for s in plan.shards() if s["file"] not in written or retry_marker(s["file"]) in retry
     ]

@@ -30,6 +30,7 @@ from tfa_ray import storage
 from tfa_ray.data import ImageDecodeError, decode_image
 from tfa_ray.retry import is_transient
 from tfa_ray.scoring.contract import ERROR, OK, PERMANENT, TRANSIENT, retry_marker, to_table
+from tfa_ray.scoring.manifest import read_shard_paths
 from tfa_ray.scoring.models import Resolver
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,16 @@ def read_and_decode(
     return arr, item
 
 
+def shard_paths(batch: dict[str, Any], endpoint_url: str | None) -> list[str]:
+    """The shard's paths: a JSON list in the row, or read from the plan's manifest file (the
+    driver's rows name the shard only, so its memory does not grow with the paths)."""
+    if "paths" in batch:
+        return json.loads(_first(batch, "paths"))
+    category = _first(batch, "category") or None
+    shard = int(_first(batch, "shard"))
+    return read_shard_paths(_first(batch, "manifest"), category, shard, endpoint_url)
+
+
 def decode_shard(
     batch: dict[str, Any],
     models: dict[str, Any],
@@ -92,7 +103,7 @@ def decode_shard(
     """One shard row in, one row out: ``images`` (n_ok, 3, S, S) uint8 as .npy bytes and
     ``items`` (JSON: path, status, error, error_kind, width, height per input path)."""
     file, category = _first(batch, "file"), _first(batch, "category") or None
-    paths = json.loads(_first(batch, "paths"))
+    paths = shard_paths(batch, endpoint_url)
     model = models.get(category) if category else None
     items: list[dict[str, Any]] = []
     arrays: list[np.ndarray] = []

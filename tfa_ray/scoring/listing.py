@@ -1,0 +1,143 @@
+"""The night's input as a stream of bounded batches: a prefix listed in parallel, or a manifest
+read a batch at a time. Nothing here holds every path at once, so the driver's memory does not
+grow with the input (the plan sorts and deduplicates them out of core, see ``manifest``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow.parquet as pq
+
+from tfa_ray import storage
+from tfa_ray.data import IMAGE_SUFFIXES
+
+MANIFEST_SUFFIXES = (".txt", ".lst", ".list", ".manifest", ".csv", ".parquet")
+BATCH = 16384  # paths per yielded batch (as Python strings: a few MiB)
+LIST_THREADS = 16  # sub-prefixes listed at once (object stores answer one page at a time)
+
+Entry = tuple[str, str | None]  # (path, category from the manifest or None)
+
+
+def is_manifest(url: str, endpoint_url: str | None) -> bool:
+    return url.lower().endswith(MANIFEST_SUFFIXES) and not storage.is_dir(url, endpoint_url)
+
+
+def _is_absolute(path: str) -> bool:
+    return "://" in path or path.startswith("/")
+
+
+def _wanted(path: str, root: str, suffixes: tuple[str, ...]) -> bool:
+    rel = path[len(root) :].lstrip("/")
+    hidden = any(part.startswith(".") for part in rel.split("/"))
+    return not hidden and path.lower().endswith(suffixes) and not path.endswith("/")
+
+
+def _batched(items: Iterator, size: int = BATCH) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def iter_prefix(
+    url: str,
+    suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
+    endpoint_url: str | None = None,
+    threads: int = LIST_THREADS,
+) -> Iterator[list[str]]:
+    """Files under a prefix, in batches and in no particular order (the plan sorts them).
+
+    Local: one ``os.walk``. Object stores: each top-level sub-prefix is listed by its own
+    ``find`` in a thread pool, at most ``2 * threads`` listings held at once."""
+    want = tuple(s.lower() for s in suffixes)
+    fs, path = storage.get_fs(url, endpoint_url)
+    root = path.rstrip("/")
+    if storage.is_local(url) and os.path.isdir(path):
+        walk = (
+            os.path.join(d, name).replace(os.sep, "/")
+            for d, _, names in os.walk(path, followlinks=True)
+            for name in names
+        )
+        yield from _batched(p for p in walk if _wanted(p, root, want))
+        return
+    try:
+        top = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        top = []
+    if not top:  # a single file, or a missing prefix: storage names the problem
+        yield storage.list_files(url, suffixes, endpoint_url=endpoint_url)
+        return
+    to_url = (lambda p: p) if storage.is_local(url) else (lambda p: f"{url.split('://')[0]}://{p}")
+    files = [e["name"] for e in top if e["type"] == "file"]
+    yield from _batched(to_url(p) for p in files if _wanted(p, root, want))
+    dirs = [e["name"].rstrip("/") for e in top if e["type"] == "directory"]
+    dirs = [d for d in dirs if not d.rsplit("/", 1)[-1].startswith(".")]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        pending: deque = deque()
+        for d in dirs:
+            pending.append(pool.submit(fs.find, d, withdirs=False))
+            while len(pending) >= 2 * threads:
+                found = pending.popleft().result()
+                yield from _batched(to_url(p) for p in found if _wanted(p, root, want))
+        while pending:
+            found = pending.popleft().result()
+            yield from _batched(to_url(p) for p in found if _wanted(p, root, want))
+
+
+def _iter_manifest(url: str, endpoint_url: str | None) -> Iterator[list[Entry]]:
+    fs, path = storage.get_fs(url, endpoint_url)
+    with fs.open(path, "rb") as f:
+        if url.lower().endswith(".parquet"):
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            if "path" not in names:
+                raise ValueError(f"manifest {url} has no 'path' column (columns: {names})")
+            cols = ["path", "category"] if "category" in names else ["path"]
+            for b in pf.iter_batches(batch_size=BATCH, columns=cols):
+                paths = b.column("path").to_pylist()
+                cats = b.column("category").to_pylist() if len(cols) == 2 else [None] * len(paths)
+                yield [(str(p), c) for p, c in zip(paths, cats, strict=True) if p]
+            return
+        import io
+
+        lines = io.TextIOWrapper(f, encoding="utf-8-sig")
+        entries = ((ln.strip(), None) for ln in lines)
+        yield from _batched(e for e in entries if e[0] and not e[0].startswith("#"))
+
+
+def iter_inputs(
+    input_url: str, endpoint_url: str | None = None, root: str | None = None
+) -> tuple[str, Iterator[list[Entry]]]:
+    """(root, batches of (path, category from the manifest or None)) for a prefix or a manifest.
+
+    A manifest's relative paths are joined to ``root`` (default: the manifest's directory)."""
+    if is_manifest(input_url, endpoint_url):
+        base = storage.normalize(root or storage.normalize(input_url).rsplit("/", 1)[0])
+        prefix = base.rstrip("/") + "/"
+
+        def joined() -> Iterator[list[Entry]]:
+            for batch in _iter_manifest(input_url, endpoint_url):
+                yield [(p if _is_absolute(p) else prefix + p.strip("/"), c) for p, c in batch]
+
+        return base, joined()
+    batches = iter_prefix(input_url, IMAGE_SUFFIXES, endpoint_url)
+    return storage.normalize(root or input_url), ([(p, None) for p in b] for b in batches)
+
+
+def list_inputs(
+    input_url: str, endpoint_url: str | None = None, root: str | None = None
+) -> tuple[str, list[Entry]]:
+    """:func:`iter_inputs` as one list (small inputs and tests; prefixes come sorted)."""
+    root_url, batches = iter_inputs(input_url, endpoint_url, root)
+    entries = [e for b in batches for e in b]
+    if not is_manifest(input_url, endpoint_url):
+        entries.sort()
+    return root_url, entries

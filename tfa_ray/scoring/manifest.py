@@ -1,0 +1,244 @@
+"""The plan's path manifest: Parquet files under ``<run>/_plan/``, one row per input path.
+
+Columns ``path``, ``category`` (null: the path has no category) and ``shard`` (the shard's
+index within its category; the shard's output file is ``contract.shard_file``). Paths are
+sorted and deduplicated out of core (sorted runs spilled to a local temp directory, merged a
+bounded batch at a time), so planning ten million paths needs the memory of a few batches.
+Every shard's rows lie in one file, contiguous: a reader takes a file, or one shard of it, and
+never has to look elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tfa_ray import storage
+from tfa_ray.scoring.contract import shard_file
+
+PLAN_DIR = "_plan"
+SCHEMA = pa.schema([("path", pa.string()), ("category", pa.string()), ("shard", pa.int32())])
+ROW_GROUP = 8192  # rows per Parquet row group: one shard is read with a statistics filter
+
+
+@dataclass
+class ManifestConfig:
+    # Sizes in paths; each bounds a working set of a few times its size x ~100 bytes, small
+    # next to a driver that has torch and Ray imported (~0.8 GiB before any work).
+    spill_rows: int = 1 << 19  # sorted in memory at once; fewer runs, fewer open readers
+    merge_rows: int = 1 << 17  # of all sorted runs held at once while merging
+    group_rows: int = 1 << 17  # per manifest file (cut between shards); verified at once
+
+
+@dataclass
+class ManifestStats:
+    files: list[str] = field(default_factory=list)  # relative to the run directory
+    categories: dict[str | None, dict[str, int]] = field(default_factory=dict)
+    num_paths: int = 0
+
+
+def _spill(tables: Iterable[pa.Table], tmp: str, rows: int) -> list[str]:
+    """Sorted runs of at most ``rows`` paths each, as temp Parquet files."""
+    runs: list[str] = []
+    buf: list[pa.Table] = []
+    n = 0
+
+    def flush() -> None:
+        t = pa.concat_tables(buf)
+        t = t.take(pc.sort_indices(t, [("path", "ascending")]))
+        runs.append(os.path.join(tmp, f"run-{len(runs):05d}.parquet"))
+        pq.write_table(t, runs[-1], row_group_size=ROW_GROUP)  # the merge reads a group per run
+        buf.clear()
+
+    for t in tables:
+        buf.append(t)
+        n += t.num_rows
+        if n >= rows:
+            flush()
+            n = 0
+    if buf:
+        flush()
+    return runs
+
+
+def _merge(runs: list[str], merge_rows: int) -> Iterator[pa.Table]:
+    """The sorted runs merged, duplicates dropped (the first in run order is kept), a bounded
+    chunk at a time: each step takes every buffered row up to the smallest buffered maximum."""
+    per_run = max(1024, merge_rows // max(1, len(runs)))
+    iters = [pq.ParquetFile(r).iter_batches(per_run, use_threads=False) for r in runs]
+    bufs: list[pa.Table] = [SCHEMA.remove(2).empty_table()] * len(runs)
+
+    def refill(i: int) -> bool:
+        while bufs[i].num_rows == 0:
+            b = next(iters[i], None)
+            if b is None:
+                return False
+            bufs[i] = pa.Table.from_batches([b])
+        return True
+
+    live = [i for i in range(len(runs)) if refill(i)]
+    last: str | None = None
+    while live:
+        bound = min(bufs[i].column("path")[-1].as_py() for i in live)
+        parts = []
+        for i in live:
+            t = bufs[i]
+            k = pc.sum(pc.less_equal(t.column("path"), bound)).as_py() or 0  # sorted: a prefix
+            parts.append(t.slice(0, k))
+            bufs[i] = t.slice(k)
+        chunk = pa.concat_tables(parts).combine_chunks()
+        chunk = chunk.take(pc.sort_indices(chunk, [("path", "ascending")]))  # stable
+        paths = chunk.column("path").combine_chunks()
+        prev = pa.concat_arrays([pa.array([last], pa.string()), paths.slice(0, len(paths) - 1)])
+        keep = pc.fill_null(pc.not_equal(paths, prev), True)
+        if len(paths):
+            last = paths[-1].as_py()
+        yield chunk.filter(keep)
+        live = [i for i in live if refill(i)]
+
+
+def _by_category(t: pa.Table) -> Iterator[tuple[str | None, np.ndarray]]:
+    """(category, row indices) for each category in ``t``."""
+    cats = t.column("category").combine_chunks()
+    for cat in pc.unique(cats).to_pylist():
+        mask = pc.is_null(cats) if cat is None else pc.fill_null(pc.equal(cats, cat), False)
+        yield cat, np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+
+
+def shard_starts(rows: pa.Table) -> np.ndarray:
+    """Row indices where a new shard begins in rows sorted by category and shard."""
+    if not rows.num_rows:
+        return np.zeros(0, np.int64)
+    codes = pc.dictionary_encode(rows.column("category")).combine_chunks().indices
+    key = pc.fill_null(codes, -1).to_numpy().astype(np.int64) << 32
+    key |= rows.column("shard").to_numpy().astype(np.int64)
+    return np.flatnonzero(np.diff(key, prepend=key[0] - 1))
+
+
+class _Sharder:
+    """Cuts the sorted stream into shards of ``size`` paths per category; hands out a shard's
+    rows only once it is complete, so no shard is split between two manifest files."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.counts: dict[str | None, int] = {}
+        self.held = SCHEMA.empty_table()
+
+    def add(self, chunk: pa.Table, final: bool = False) -> pa.Table:
+        shard = np.zeros(len(chunk), np.int32)
+        for cat, idx in _by_category(chunk):
+            start = self.counts.get(cat, 0)
+            shard[idx] = (start + np.arange(len(idx))) // self.size
+            self.counts[cat] = start + len(idx)
+        chunk = chunk.append_column("shard", pa.array(shard, pa.int32())).cast(SCHEMA)
+        rows = pa.concat_tables([self.held, chunk]).combine_chunks()
+        done = np.full(len(rows), final)
+        if not final:  # complete shards: those of a category below its count // size
+            shards = rows.column("shard").to_numpy()
+            for cat, idx in _by_category(rows):
+                done[idx] = shards[idx] < self.counts[cat] // self.size
+        out, self.held = rows.filter(done), rows.filter(~done)
+        keys = [("category", "ascending", "at_end"), ("shard", "ascending", "at_end")]
+        return out.take(pc.sort_indices(out, keys))  # stable
+
+
+def write_manifest(
+    entries: Iterable[pa.Table],
+    run_dir: str,
+    shard_size: int,
+    endpoint_url: str | None = None,
+    cfg: ManifestConfig | None = None,
+) -> ManifestStats:
+    """Sort, deduplicate and shard ``entries`` (tables of ``path``, ``category``) into the
+    manifest files under ``<run_dir>/_plan/``."""
+    cfg = cfg or ManifestConfig()
+    stats = ManifestStats()
+    sharder = _Sharder(max(1, int(shard_size)))
+    fs, base = storage.get_fs(run_dir, endpoint_url)
+    fs.makedirs(f"{base}/{PLAN_DIR}", exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tfa-plan-") as tmp:
+        runs = _spill(entries, tmp, cfg.spill_rows)
+        writer: pq.ParquetWriter | None = None
+        written = 0
+
+        def emit(rows: pa.Table) -> None:
+            """Write ``rows`` (whole shards), starting a new file at a shard boundary once a
+            file holds ``group_rows`` paths."""
+            nonlocal writer, written
+            ends = np.append(shard_starts(rows)[1:], rows.num_rows)
+            pos = 0
+            while pos < rows.num_rows:
+                fit = ends[(ends > pos) & (ends <= pos + cfg.group_rows - written)]
+                if not len(fit) and written:
+                    close()
+                    continue
+                end = int(fit[-1]) if len(fit) else int(ends[ends > pos][0])
+                if writer is None:
+                    stats.files.append(f"{PLAN_DIR}/part-{len(stats.files):05d}.parquet")
+                    local = os.path.join(tmp, "manifest.parquet")
+                    writer = pq.ParquetWriter(local, SCHEMA, compression="zstd")
+                writer.write_table(rows.slice(pos, end - pos), row_group_size=ROW_GROUP)
+                written += end - pos
+                pos = end
+                if written >= cfg.group_rows:
+                    close()
+
+        def close() -> None:
+            nonlocal writer, written
+            if writer is not None:
+                writer.close()
+                fs.put_file(os.path.join(tmp, "manifest.parquet"), f"{base}/{stats.files[-1]}")
+                writer, written = None, 0
+
+        for chunk in _merge(runs, cfg.merge_rows):
+            emit(sharder.add(chunk))
+        emit(sharder.add(SCHEMA.remove(2).empty_table(), final=True))
+        close()
+    for cat, n in sharder.counts.items():
+        stats.categories[cat] = {"paths": n, "shards": -(-n // sharder.size)}
+        stats.num_paths += n
+    return stats
+
+
+def shards_of(manifest: pa.Table) -> list[dict]:
+    """The shards in a manifest table: file, category, shard index, rows (no paths)."""
+    counts = manifest.group_by(["category", "shard"], use_threads=False).aggregate(
+        [("shard", "count")]
+    )
+    return [
+        {"file": shard_file(c, s), "category": c, "shard": s, "rows": n}
+        for c, s, n in zip(*(counts.column(i).to_pylist() for i in range(3)), strict=True)
+    ]
+
+
+def read_shards(url: str, endpoint_url: str | None = None) -> list[dict]:
+    """The shards of one manifest file (its category and shard columns only)."""
+    fs, path = storage.get_fs(url, endpoint_url)
+    with fs.open(path, "rb") as f:
+        return shards_of(pq.read_table(f, columns=["category", "shard"]))
+
+
+def read_shard_paths(
+    url: str, category: str | None, shard: int, endpoint_url: str | None = None
+) -> list[str]:
+    """One shard's paths, read from its manifest file (row groups pruned by statistics)."""
+    fs, path = storage.get_fs(url, endpoint_url)
+    cat = pc.field("category")
+    where = (cat.is_null() if category is None else cat == category) & (
+        pc.field("shard") == int(shard)
+    )
+    return pq.read_table(path, filesystem=fs, columns=["path"], filters=where)["path"].to_pylist()
+
+
+def read_manifest(url: str, endpoint_url: str | None = None) -> pa.Table:
+    """A whole manifest file (bounded: ``ManifestConfig.group_rows`` paths plus one emission)."""
+    fs, path = storage.get_fs(url, endpoint_url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
