@@ -140,7 +140,8 @@ def test_each_input_is_paired_with_its_nearest_template():
         phi = det.template_phi + 0.01 * torch.randn_like(det.template_phi)
         assert det.nearest_template(phi[[2, 0, 1]]).tolist() == [2, 0, 1]
         # in training an input that is a template is paired with another one, never itself
-        paired = det.nearest_template(det.template_phi, exclude_self=True)
+        # training features are cached in float16: a template still counts as itself
+        paired = det.nearest_template(det.template_phi.half().float(), exclude_self=True)
         assert (paired != torch.arange(3)).all()
         e = det.template_embeddings()
         assert torch.equal(det.paired_templates(phi[[1]]), e[[1]])

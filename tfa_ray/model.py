@@ -300,9 +300,12 @@ class Detector(nn.Module):
     def nearest_template(self, phi: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
         """(B,) index of each input's nearest template by globally pooled features. In training
         an input that *is* a template is paired with its nearest other one (never a copy)."""
-        d = torch.cdist(phi.float().mean(dim=(2, 3)), self.template_keys.float())
+        keys = self.template_keys.float()
+        d = torch.cdist(phi.float().mean(dim=(2, 3)), keys)
         if exclude_self and d.shape[1] > 1:
-            d = d.masked_fill(d < 1e-4, float("inf"))
+            # "the same image" up to the float16 rounding of cached training features
+            same = d < 1e-3 * (1.0 + keys.norm(dim=1))
+            d = d.masked_fill(same, float("inf"))
         return d.argmin(dim=1)
 
     def template_embeddings(self) -> torch.Tensor:
