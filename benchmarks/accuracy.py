@@ -32,6 +32,10 @@ from tfa_ray.training import fit
 # name -> (description, overrides on top of cpu-small)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "final": ("cpu-small as shipped", {}),
+    "no-resid": (
+        "no residual Gaussian (the features' Gaussian only)",
+        {"model__residual_gaussian": False},
+    ),
     "T1": ("one template (the paper's) instead of a bank of 8", {"model__num_templates": 1}),
     "no-noise": ("no noisy bottleneck (input dropout 0)", {"model__input_dropout": 0.0}),
     "dual": ("complementary (dual) masks in training", {"model__mask_mode": "dual"}),
@@ -72,20 +76,24 @@ def evidence_rows(result, data, base: dict, name: str, focus: str) -> list[dict]
                 maps.setdefault(kind, []).append(m)
     evidence = {k: torch.cat(v) for k, v in maps.items()}
     eval_s = time.perf_counter() - t0
-    w = preset.anomaly.w_reconstruction
-    weights = {"selected": w}
+    a = preset.anomaly
+    selected = (a.w_reconstruction, a.statistics)
+    options = {"selected": selected}
     if "gaussian" in evidence:
-        weights.update({"rec alone": 1.0, "gauss alone": 0.0})
-        # the other fusion weights the selection set ranked: a diagnostic that reads test
-        # labels (not a result; the selected row is the only one chosen without them)
-        for tried in preset.train.try_fusion_weights:
-            if tried not in weights.values():
-                weights[f"diag w={tried:g}"] = tried
+        options.update({"rec alone": (1.0, a.statistics), "gauss alone": (0.0, "gaussian")})
+        if "residual" in evidence:
+            options["resid alone"] = (0.0, "residual")
+        # the other fusions the selection set ranked: a diagnostic that reads test labels
+        # (not a result; the selected row is the only one chosen without them)
+        for stat in [k for k in ("gaussian", "residual") if k in evidence]:
+            for tried in preset.train.try_fusion_weights:
+                if 0 < tried < 1:
+                    options[f"{stat[:5]} w={tried:g}"] = (tried, stat)
     rows = []
-    for label, weight in weights.items():
-        if label != "selected" and weight == w:
+    for label, (weight, stat) in options.items():
+        if label != "selected" and (weight, stat) == selected:
             continue  # that is the selected row
-        cfg = dataclasses.replace(preset.anomaly, w_reconstruction=weight)
+        cfg = dataclasses.replace(a, w_reconstruction=weight, statistics=stat)
         fused = det.fuse(evidence, cfg)
         scores = image_score(fused, cfg).numpy()
         fused = fused.numpy()
@@ -96,6 +104,7 @@ def evidence_rows(result, data, base: dict, name: str, focus: str) -> list[dict]
                 "variant": name if label == "selected" else f"  {name}",
                 "evidence": label,
                 "w_rec": weight,
+                "statistics": stat,
                 "score_kind": cfg.score,
                 "passes": pass_label(preset.model.test_mask_passes, preset.model.test_mask_layout),
                 "eval_s": eval_s,
@@ -140,7 +149,8 @@ def run_variant(name: str, data, args) -> list[dict]:
 
 def print_table(rows: list[dict], focus: str) -> None:
     head = (
-        f"{'variant':<22} {'train':>6} {'ep':>3} {'best':>4} {'evid.':>11} {'w':>4} {'kind':>4} "
+        f"{'variant':<22} {'train':>6} {'ep':>3} {'best':>4} {'evid.':>11} {'stat':>5} {'w':>4} "
+        f"{'kind':>4} "
         f"{'pass':>4} {'val':>6} {'image':>6} {'pixel':>6} {'AUPRO':>6} "
         f"{focus[:6] + '-px':>9} {focus[:6] + '-pro':>10}  description"
     )
@@ -151,7 +161,8 @@ def print_table(rows: list[dict], focus: str) -> None:
         fc = r.get("focus") or (r.get("per_defect") or {}).get(focus, {})
         print(
             f"{r['variant']:<22} {train:>6} {r.get('epochs', ''):>3} {r.get('best_epoch', ''):>4} "
-            f"{r.get('evidence', ''):>11} {r.get('w_rec', ''):>4} {r.get('score_kind', 'max'):>4} "
+            f"{r.get('evidence', ''):>11} {r.get('statistics', '')[:5]:>5} {r.get('w_rec', ''):>4} "
+            f"{r.get('score_kind', 'max'):>4} "
             f"{r.get('passes', ''):>4} {r.get('val', float('nan')):>6.3f} "
             f"{r['image_auroc']:>6.3f} {r['pixel_auroc']:>6.3f} {r['aupro']:>6.3f} "
             f"{fc.get('pixel_auroc', float('nan')):>9.3f} {fc.get('aupro', float('nan')):>10.3f}"

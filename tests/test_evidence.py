@@ -83,6 +83,46 @@ def test_fusion_weights_each_normalised_map():
     assert plain.fuse({"reconstruction": maps["reconstruction"]}, a) is maps["reconstruction"]
 
 
+def test_residual_gaussian_ignores_what_the_reconstruction_explains():
+    """Normal images vary in the amplitude of one pattern; a reconstruction that reproduces
+    that pattern leaves only noise in the residual. An image at an unseen amplitude is normal
+    to the residual Gaussian (not to the Gaussian of the features); a local bump the
+    reconstruction does not reproduce is anomalous to both."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(
+        get_preset("test-tiny").model, gaussian_size=4, gaussian_channels=8, residual_gaussian=True
+    )
+    det = Detector(cfg).eval()
+    C, h = det.feature_mean.numel(), cfg.feature_size
+    pattern = torch.randn(1, C, h, h)
+
+    def images(amplitudes):
+        a = torch.as_tensor(amplitudes, dtype=torch.float32).view(-1, 1, 1, 1)
+        return a * pattern + 0.1 * torch.randn(len(a), C, h, h)
+
+    def reconstruct(x):  # the pattern at the input's amplitude (a least-squares fit)
+        a = (x * pattern).sum(dim=(1, 2, 3), keepdim=True) / pattern.pow(2).sum()
+        return a * pattern
+
+    det.reconstruct = reconstruct
+    phi = images(torch.rand(64) + 0.5)
+    det.gaussian.fit([phi])
+    det.fit_residual_gaussian(phi, batch_size=16)
+
+    strong = images([6.0])  # the normal pattern, 6x stronger than ever seen
+    bump = images([1.0])
+    bump[:, :, :4, :4] += 3.0  # one region off, not reproduced
+    a = AnomalyConfig()
+    normal_ev, strong_ev, bump_ev = (det.evidence(x, a) for x in (phi[:16], strong, bump))
+    top = {k: float(m.max()) for k, m in normal_ev.items()}
+    assert float(strong_ev["gaussian"].max()) > 3 * top["gaussian"]
+    assert float(strong_ev["residual"].max()) < 1.5 * top["residual"]
+    assert float(bump_ev["residual"].max()) > 3 * top["residual"]
+    with pytest.raises(ValueError, match="no 'residual'"):
+        plain = Detector(dataclasses.replace(cfg, residual_gaussian=False))
+        plain.fuse(bump_ev, AnomalyConfig(w_reconstruction=0.0, statistics="residual"))
+
+
 def test_hard_mining_scales_the_easiest_points_down():
     term = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])
     assert hard_mined_mean(term, 0.0) == term.mean()

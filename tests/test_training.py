@@ -1,5 +1,6 @@
 """The single-category training loop, the model package and the CLI, on tiny synthetic data."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def trained(synth_root):
         model__num_templates=2,
         model__gaussian_size=8,
         model__gaussian_channels=16,
+        model__residual_gaussian=True,
         train__try_fusion_weights=(0.0, 0.5),
+        train__try_statistics=("gaussian", "residual"),
     )
     from tfa_ray.training import fit
 
@@ -92,8 +95,10 @@ def test_fit_trains_selects_on_normal_images_and_calibrates(trained):
     assert result.preset.model.test_mask_passes in (0, 4)
     assert result.preset.model.test_mask_layout in ("lattice", "blocks")
     assert result.preset.anomaly.w_reconstruction in (0.0, 0.5, 1.0)
-    # every (test passes, fusion weight) pair was tried on the selection split, the best kept
-    assert len(result.selection) == 3 * 3 and max(result.selection.values()) == best_inference
+    assert result.preset.anomaly.statistics in ("gaussian", "residual")
+    # every (test passes, statistics, fusion weight) was tried on the selection split (the
+    # reconstruction alone once), the best kept
+    assert len(result.selection) == 3 * (3 + 2) and max(result.selection.values()) == best_inference
     assert result.detector.cfg == result.preset.model
     assert result.num_val >= 1 and result.num_calib >= 1
     assert result.num_train + result.num_val + result.num_calib == len(data.train)
@@ -115,6 +120,12 @@ def test_package_round_trip_gives_identical_scores(trained, tmp_path):
         expected = result.detector.anomaly_maps(images, result.preset.anomaly)
     maps, scores = model.predict(images)
     assert torch.allclose(maps, expected, atol=1e-5)
+    # the residual Gaussian fitted in selection travels with the package, whichever was chosen
+    residual = dataclasses.replace(result.preset.anomaly, statistics="residual", w_reconstruction=0)
+    with torch.no_grad():
+        expected = result.detector.anomaly_maps(images, residual)
+        got = model.detector.anomaly_maps(images, residual)
+    assert torch.allclose(got, expected, atol=1e-5) and expected.abs().sum() > 0
     assert model.calibration == result.calibration
     assert model.meta["category"] == "texture"
 

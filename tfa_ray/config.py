@@ -59,6 +59,10 @@ class ModelConfig:
     # reconstruction map (0 = off, the paper); a random subset of gaussian_channels channels.
     gaussian_size: int = 0
     gaussian_channels: int = 0
+    # A second per-position Gaussian, on the reconstruction residual phi - phi_hat (needs
+    # gaussian_size), fitted after training: the normal variation the paired template already
+    # explains is gone from the residual, so what is left is sharper evidence than phi itself.
+    residual_gaussian: bool = False
     # Inference: 0 = the paper (all input tokens visible); P > 1 = P complementary passes,
     # each position reconstructed only from the passes in which it is hidden.
     test_mask_passes: int = 0
@@ -87,8 +91,11 @@ class AnomalyConfig:
     topk_fraction: float = 0.01
     # Fraction of easiest pixels whose loss counts 0.1 times (Dinomaly's hard mining; 0 = off)
     hard_mining: float = 0.0
-    # Weight of the normalised reconstruction map against the Gaussian map (models with one)
+    # Weight of the normalised reconstruction map against the statistical map (models with one)
     w_reconstruction: float = 1.0
+    # The statistical map fused with it: "gaussian" (of the features, PaDiM) or "residual" (of
+    # the reconstruction residual; models with residual_gaussian)
+    statistics: str = "gaussian"
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,8 @@ class TrainConfig:
     # Reconstruction weights in the fused map tried on the selection set (models with a
     # Gaussian); () = keep anomaly.w_reconstruction.
     try_fusion_weights: tuple[float, ...] = ()
+    # ... and which statistical map to fuse with (see AnomalyConfig.statistics); () = keep it
+    try_statistics: tuple[str, ...] = ()
     # Fraction of training inputs that carry a pasted synthetic defect while the target stays
     # the clean features: teaches the net to put normal appearance back instead of copying
     # whatever it sees (0 = the paper: plain reconstruction of normal images).
@@ -142,16 +151,21 @@ PAPER = Preset(
 )
 
 # Changes beyond the paper that cpu-small and gpu share (see benchmarks/accuracy.py): a bank
-# of 8 templates, the noisy bottleneck, standardised features, a per-position Gaussian fused
-# with the reconstruction at a weight (and test-time masking and score kind) chosen on the
-# selection split.
+# of 8 templates, the noisy bottleneck, standardised features, per-position Gaussians of the
+# features and of the reconstruction residual, one of them fused with the reconstruction at a
+# weight (and test-time masking and score kind) chosen on the selection split.
 BEYOND_PAPER_MODEL = dict(
-    standardize_features=True, num_templates=8, input_dropout=0.1, gaussian_size=32
+    standardize_features=True,
+    num_templates=8,
+    input_dropout=0.1,
+    gaussian_size=32,
+    residual_gaussian=True,
 )
 BEYOND_PAPER_TRAIN = dict(
     try_test_mask_passes=(4,),
     try_test_mask_blocks=(16,),
     try_fusion_weights=(0.0, 0.25, 0.5, 0.75),
+    try_statistics=("gaussian", "residual"),
 )
 
 PRESETS: dict[str, Preset] = {

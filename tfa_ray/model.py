@@ -256,8 +256,14 @@ class Detector(nn.Module):
             if cfg.gaussian_size
             else None
         )
+        self.residual_gaussian = (
+            GaussianEvidence(channels, cfg.gaussian_size, cfg.gaussian_channels)
+            if cfg.gaussian_size and cfg.residual_gaussian
+            else None
+        )
         self.reconstruction_norm = MapNorm()
         self.gaussian_norm = MapNorm()
+        self.residual_norm = MapNorm()
         self._e_templates: torch.Tensor | None = None
         if templates is not None:
             self.set_templates(templates)
@@ -345,31 +351,66 @@ class Detector(nn.Module):
         cfg: AnomalyConfig,
         phi_hat: torch.Tensor | None = None,
         statistics: bool = True,
+        kinds: tuple[str, ...] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Raw image-size maps of each kind of evidence: Eq. 8 on the reconstruction, and (with
-        ``statistics``) the Gaussian's Mahalanobis distance where the model has one."""
+        """Raw image-size maps of each kind of evidence (all the model has, or ``kinds``): Eq. 8
+        on the reconstruction, and (with ``statistics``) the Mahalanobis distances of the
+        features (``gaussian``) and of the residual phi - phi_hat (``residual``)."""
         S = self.cfg.image_size
-        phi_hat = self.reconstruct(phi) if phi_hat is None else phi_hat
+        want = kinds or ("reconstruction", "gaussian", "residual")
+        if phi_hat is None and ("reconstruction" in want or "residual" in want):
+            phi_hat = self.reconstruct(phi)
+        maps = {}
         with torch.autocast(phi.device.type, enabled=False):  # maps in fp32 at any precision
-            maps = {"reconstruction": anomaly_map(phi, phi_hat, S, cfg)}
-            if statistics and self.gaussian is not None:
-                maps["gaussian"] = to_image(self.gaussian(phi.float()), S, cfg)
+            phi = phi.float()
+            phi_hat = phi_hat.float() if phi_hat is not None else None
+            if "reconstruction" in want:
+                maps["reconstruction"] = anomaly_map(phi, phi_hat, S, cfg)
+            if statistics and self.gaussian is not None and "gaussian" in want:
+                maps["gaussian"] = to_image(self.gaussian(phi), S, cfg)
+            if statistics and self.residual_gaussian is not None and "residual" in want:
+                maps["residual"] = to_image(self.residual_gaussian(phi - phi_hat), S, cfg)
         return maps
 
+    def fused_kinds(self, cfg: AnomalyConfig) -> tuple[str, ...]:
+        """The evidence ``fuse`` reads under ``cfg``."""
+        if self.gaussian is None:
+            return ("reconstruction",)
+        w = cfg.w_reconstruction
+        return (("reconstruction",) if w > 0 else ()) + ((cfg.statistics,) if w < 1 else ())
+
     def fuse(self, maps: dict[str, torch.Tensor], cfg: AnomalyConfig) -> torch.Tensor:
-        """The paper's map alone, or w * rec + (1 - w) * gauss after putting each on the scale
-        of held-out normal pixels (``w = cfg.w_reconstruction``)."""
+        """The paper's map alone, or w * rec + (1 - w) * stat after putting each on the scale
+        of held-out normal pixels (``w = cfg.w_reconstruction``, ``stat = cfg.statistics``)."""
         if self.gaussian is None:
             return maps["reconstruction"]
-        w = cfg.w_reconstruction
-        out = self.gaussian_norm(maps["gaussian"]) * (1.0 - w)
+        w, stat = cfg.w_reconstruction, cfg.statistics
+        norms = {"gaussian": self.gaussian_norm, "residual": self.residual_norm}
+        if stat not in norms or (stat == "residual" and self.residual_gaussian is None):
+            raise ValueError(f"this model has no {stat!r} statistics to fuse")
+        if w >= 1:
+            return self.reconstruction_norm(maps["reconstruction"])
+        out = norms[stat](maps[stat]) * (1.0 - w)
         if w > 0:
             out = out + self.reconstruction_norm(maps["reconstruction"]) * w
         return out
 
+    @torch.no_grad()
+    def fit_residual_gaussian(self, phi: torch.Tensor, batch_size: int = 32) -> None:
+        """Fit the residual Gaussian on normal features (eval mode, the current inference)."""
+        dev = self.feature_mean.device
+
+        def residuals():
+            for i in range(0, len(phi), batch_size):
+                x = phi[i : i + batch_size].to(dev).float()
+                yield x - self.reconstruct(x).float()
+
+        self.residual_gaussian.fit(residuals())
+
     def anomaly_maps(self, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
         """(B, 3, S, S) images in [0, 1] -> (B, S, S) anomaly maps."""
-        return self.fuse(self.evidence(self.features(images), cfg), cfg)
+        phi = self.features(images)
+        return self.fuse(self.evidence(phi, cfg, kinds=self.fused_kinds(cfg)), cfg)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -180,17 +180,27 @@ def selection_score(
 def select_inference(
     state: TrainState, prep: Prepared, preset: Preset, device: torch.device, category: str, echo
 ) -> tuple[Preset, float, dict]:
-    """On the selection split only: test-time masking, evidence fusion weight and image score
-    kind of the best epoch's weights. Fits each map's normal scale on the selection normals.
-    Returns the resolved preset, its selection score and every variant's score."""
+    """On the selection split only: test-time masking, the statistical map and its fusion
+    weight, and the image score kind of the best epoch's weights. Fits the residual Gaussian
+    on the training split and each map's normal scale on the selection normals, for each
+    test-time masking tried. Returns the resolved preset, its selection score and every
+    variant's score."""
     detector, tcfg = state.detector, preset.train
     trials = [(preset.model.test_mask_passes, preset.model.test_mask_layout)]
     trials += [(p, "lattice") for p in tcfg.try_test_mask_passes]
     trials += [(p, "blocks") for p in tcfg.try_test_mask_blocks]
     weights = tuple(dict.fromkeys((preset.anomaly.w_reconstruction, *tcfg.try_fusion_weights)))
+    stats = tuple(dict.fromkeys((preset.anomaly.statistics, *tcfg.try_statistics)))
+    if detector.residual_gaussian is None:
+        stats = tuple(s for s in stats if s != "residual")
     if detector.gaussian is None:
-        weights = (preset.anomaly.w_reconstruction,)
+        weights, stats = (preset.anomaly.w_reconstruction,), (preset.anomaly.statistics,)
     masks, bs = prep.val.masks, tcfg.batch_size
+    norms = {
+        "reconstruction": detector.reconstruction_norm,
+        "gaussian": detector.gaussian_norm,
+        "residual": detector.residual_norm,
+    }
     best: tuple[float, ModelConfig, AnomalyConfig, dict] | None = None
     tried: dict[str, float] = {}
     for passes, layout in dict.fromkeys(trials):
@@ -198,28 +208,38 @@ def select_inference(
             preset.model, test_mask_passes=passes, test_mask_layout=layout
         )
         detector.cfg = model_cfg
+        fitted = {}
+        if detector.residual_gaussian is not None:
+            with autocast(device):
+                detector.fit_residual_gaussian(prep.train_phi, bs * 8)
+            fitted["residual_gaussian"] = detector.residual_gaussian.state_dict()
         normal, _ = predict_evidence(detector, prep.val_normal_phi, preset, device, bs)
         anomalous, _ = predict_evidence(detector, prep.val_anomalous_phi, preset, device, bs)
-        norms = {"reconstruction": detector.reconstruction_norm, "gaussian": detector.gaussian_norm}
-        fitted = {kind: norms[kind].fit(m).state_dict() for kind, m in normal.items()}
-        for w in weights:
-            anomaly_cfg = dataclasses.replace(preset.anomaly, w_reconstruction=w)
-            sel, parts = selection_score(
-                detector.fuse(normal, anomaly_cfg),
-                detector.fuse(anomalous, anomaly_cfg),
-                masks,
-                anomaly_cfg,
-            )
-            anomaly_cfg = dataclasses.replace(anomaly_cfg, score=parts["score_kind"])
-            label = f"passes={passes}/{layout} w_rec={w:g} score={parts['score_kind']}"
-            tried[label] = sel
-            echo(f"[{category}] selection {sel:.4f} with {label}")
-            if best is None or sel > best[0]:
-                best = (sel, model_cfg, anomaly_cfg, copy.deepcopy(fitted))
+        fitted.update({kind: norms[kind].fit(m).state_dict() for kind, m in normal.items()})
+        for stat in stats:
+            for w in weights:
+                if w >= 1 and stat != stats[0]:
+                    continue  # the reconstruction alone: already tried
+                anomaly_cfg = dataclasses.replace(
+                    preset.anomaly, w_reconstruction=w, statistics=stat
+                )
+                sel, parts = selection_score(
+                    detector.fuse(normal, anomaly_cfg),
+                    detector.fuse(anomalous, anomaly_cfg),
+                    masks,
+                    anomaly_cfg,
+                )
+                anomaly_cfg = dataclasses.replace(anomaly_cfg, score=parts["score_kind"])
+                label = f"passes={passes}/{layout} {stat} w_rec={w:g} score={parts['score_kind']}"
+                tried[label] = sel
+                echo(f"[{category}] selection {sel:.4f} with {label}")
+                if best is None or sel > best[0]:
+                    best = (sel, model_cfg, anomaly_cfg, copy.deepcopy(fitted))
     sel, model_cfg, anomaly_cfg, fitted = best
     detector.cfg = model_cfg
-    for kind, norm_state in fitted.items():
-        norms[kind].load_state_dict(norm_state)
+    for kind, fitted_state in fitted.items():
+        module = detector.residual_gaussian if kind == "residual_gaussian" else norms[kind]
+        module.load_state_dict(fitted_state)
     return dataclasses.replace(preset, model=model_cfg, anomaly=anomaly_cfg), sel, tried
 
 
