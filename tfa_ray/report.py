@@ -131,7 +131,7 @@ def trend_svg(
     values: list[float | None],
     labels: list[str],
     reference: float | None = None,
-    width: int = 260,
+    width: int = 220,
     height: int = 90,
 ) -> str:
     """A small line chart of one value per run (None: a gap), with an optional dashed
@@ -204,9 +204,10 @@ _TEMPLATE = """\
 <td class="l">{{ d.name }}</td><td>{{ d.scored }}</td><td>{{ d.errors }}</td>
 <td>{{ d.flagged }}</td><td>{{ d.flag_rate }}</td><td>{{ d.target }}</td><td>{{ d.median }}</td>
 <td>{{ d.reference_median }}</td><td>{{ d.psi }}</td><td>{{ d.ks }}</td>
-<td class="l">{{ d.shift }}</td><td class="l">{% if d.warnings %}<span class="bad">
-{{ d.warnings | join("; ") }}</span>{% else %}{{ d.status }}{% if d.note %}
-<span class="muted">({{ d.note }})</span>{% endif %}{% endif %}</td></tr>
+<td class="l">{{ d.shift }}</td><td class="l">{{ d.status }}{% if d.note %}
+<span class="muted">({{ d.note }})</span>{% endif %}</td></tr>
+{% for w in d.warnings %}<tr class="warning drift-warning"><td></td>
+<td class="l bad" colspan="11">{{ w }}</td></tr>{% endfor %}
 {% endfor %}</table>{% endif %}
 {% if trend %}<h2>trend of the last {{ trend.runs | length }} runs</h2>
 <table class="runs"><tr><th class="l">run</th><th class="l">finished</th><th>images</th>
