@@ -216,3 +216,19 @@ def test_trend_report_on_s3(s3_env):
     storage.get_fs(root)[0].mkdir("drift-trend")
     _runs(root)
     _check_trend(report.build_report(root, last=3))
+
+
+def test_drift_failure_is_recorded_not_raised(tmp_path):
+    """The run is verified when drift is computed: a failure there must not fail it."""
+
+    def resolver(category, alias="champion", version=None):
+        raise LookupError("registry down")
+
+    models = {"texture": {"name": "tfa-texture", "version": 1}}
+    assert drift.load_calibrations(models, resolver, "champion")["texture"].startswith(
+        "calibration unavailable: LookupError: registry down"
+    )
+    got = drift.drift_section(str(tmp_path / "missing"), models, resolver, "champion")
+    assert got["categories"] == {} and got["error"]
+    rows, note = report._drift_rows({"drift": got})
+    assert rows == [] and note == got["error"]
