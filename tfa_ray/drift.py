@@ -201,7 +201,8 @@ def category_drift(
         out.update(status=UNAVAILABLE, shift=UNAVAILABLE, note=reason or "no calibration")
         return _json_ready(out)
     out.update(target_fpr=calibration.target_fpr, supported_fpr=calibration.supported_fpr)
-    out.update(flag_rate_check(acc.flagged, acc.n, *_fprs(calibration), rules))
+    fprs = (calibration.target_fpr, calibration.supported_fpr)
+    out.update(flag_rate_check(acc.flagged, acc.n, *fprs, rules))
     if out["flag_rate_high"]:
         supported = (
             f" ({100 * out['expected_fpr']:.2g} % supported by {calibration.num_images} "
@@ -240,10 +241,6 @@ def category_drift(
             )
     out["status"] = WARNING if out["warnings"] else OK
     return _json_ready(out)
-
-
-def _fprs(calibration: Calibration) -> tuple[float, float]:
-    return calibration.target_fpr, calibration.supported_fpr
 
 
 def _json_ready(d: dict[str, Any]) -> dict[str, Any]:
