@@ -72,6 +72,23 @@ def test_report_content(scored_run, tmp_path):
     assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")  # self-contained
 
 
+def test_success_and_report_carry_drift(scored_run):
+    """A real run's ``_SUCCESS`` has the drift section (the tiny model's calibration records
+    its normals' scores) and the report shows it."""
+    import json
+
+    run_dir, _ = scored_run
+    success = json.loads((Path(run_dir) / "_SUCCESS").read_text())
+    d = success["drift"]["categories"]["texture"]
+    assert (d["scored"], d["errors"], d["model"]) == (6, 1, "tfa-texture v3")
+    assert d["flagged"] == success["per_category"]["texture"]["anomalous"]
+    assert d["psi"] is not None and d["ks"] is not None and d["shift"] != "unavailable"
+    assert d["status"] in ("ok", "warning") and d["target_fpr"] > 0
+    text = report.build_report(run_dir, top_n=1)
+    assert re.search(r'<table class="drift">.*data-category="texture"', text, re.S)
+    assert f"{d['psi']:.3f}" in text
+
+
 def test_report_escapes_what_it_shows(ray_cluster, tiny_model_dir, tmp_path):
     """Paths and error messages are data, never markup (Jinja2 autoescaping)."""
     d = tmp_path / "in" / "texture"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import uuid
 from urllib.parse import urlsplit
 
@@ -66,7 +67,9 @@ def test_s3_to_s3(ray_cluster, tiny_model_dir, s3_env, capsys):
         assert Image.open(io.BytesIO(rows[url]["mask_png"])).size == (64, 64)
     assert "empty" in rows[f"{base}/texture/cam0/zero.png"]["error"]
     assert "cannot read" in rows[f"{base}/texture/cam1/gone.png"]["error"]
-    assert storage.exists(f"s3://{bucket}/scores/run_id=s3run/_SUCCESS")
+    success = json.loads(storage.read_bytes(f"s3://{bucket}/scores/run_id=s3run/_SUCCESS"))
+    drift = success["drift"]["categories"]["texture"]  # computed from the rows on S3
+    assert (drift["scored"], drift["errors"]) == (6, 2) and drift["psi"] is not None
 
     # prefix input (not a manifest): the category is the first component under the prefix
     summary = scoring.score(

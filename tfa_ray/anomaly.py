@@ -129,7 +129,9 @@ class Calibration:
     rate; ``score_mean`` / ``score_std`` describe normal scores; ``map_low`` / ``map_high``
     fix one model-wide scale for heat maps
     (the median and the 99.9th percentile of normal pixels' anomaly values), so heat maps
-    compare across images and nights; ``pixel_threshold`` binarises maps into defect masks.
+    compare across images and nights; ``pixel_threshold`` binarises maps into defect masks;
+    ``normal_scores`` are the calibration images' scores themselves (6 significant digits),
+    the reference a nightly run's score distribution is compared with (:mod:`tfa_ray.drift`).
     """
 
     threshold: float
@@ -141,13 +143,16 @@ class Calibration:
     map_high: float
     pixel_threshold: float
     supported_fpr: float = 0.0  # 0: unknown (a package from before it was recorded)
+    normal_scores: tuple[float, ...] = ()  # empty: a package from before they were recorded
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Calibration:
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        fields["normal_scores"] = tuple(float(s) for s in fields.get("normal_scores") or ())
+        return cls(**fields)
 
 
 def calibrate(
@@ -181,4 +186,5 @@ def calibrate(
         map_high=float(max(high, low + 1e-12)),
         pixel_threshold=float(pix_thr),
         supported_fpr=1.0 / (n + 1),
+        normal_scores=tuple(float(f"{s:.6g}") for s in scores),
     )

@@ -223,7 +223,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tfa_ray.report import write_report
 
-    write_report(args.results, args.output, endpoint_url=args.endpoint_url, top_n=args.top)
+    write_report(
+        args.results, args.output, endpoint_url=args.endpoint_url, top_n=args.top, last=args.last
+    )
     print(f"report written to {args.output}")
     return 0
 
@@ -334,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results", required=True, help="a run directory or the output root")
     r.add_argument("--output", required=True, help="HTML file to write (path or URL)")
     r.add_argument("--top", type=int, default=8, help="most anomalous images per category")
+    r.add_argument(
+        "--last",
+        type=int,
+        metavar="N",
+        help="--results is an output root: report its latest finished run, with a trend "
+        "(flag rate, median score, PSI, KS per category) over its last N finished runs",
+    )
     r.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     r.set_defaults(func=cmd_report)
 

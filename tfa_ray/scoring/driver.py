@@ -12,7 +12,8 @@ Exactly once, by construction:
   with ``max_restarts=-1, max_task_retries=-1``); writes happen downstream of the scorer, so a
   retried shard is still written exactly once, under the same name.
 * ``<run>/_SUCCESS`` (JSON with counts) is written only after the driver has checked that every
-  planned path is in the output exactly once.
+  planned path is in the output exactly once. It also carries the run's drift per category
+  (flag rate against target, scores against the calibration normals: :mod:`tfa_ray.drift`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tfa_ray import storage
+from tfa_ray.drift import drift_section
 from tfa_ray.scoring.config import RunSummary, ScoreConfig
 from tfa_ray.scoring.contract import SUCCESS_FILE, run_dir_url
 from tfa_ray.scoring.models import RegistryResolver, Resolver
@@ -213,8 +215,12 @@ def score(
         },
         scorer_peak_rss_mb=peak_rss,
     )
+    drift = drift_section(run_dir, plan.models, resolver, cfg.alias, cfg.endpoint_url)
     success: dict[str, Any] = dict(
-        summary.to_dict(), input=cfg.input, finished=_dt.datetime.now(_dt.UTC).isoformat()
+        summary.to_dict(),
+        input=cfg.input,
+        finished=_dt.datetime.now(_dt.UTC).isoformat(),
+        drift=drift,
     )
     storage.write_bytes(
         storage.join(run_dir, SUCCESS_FILE),
@@ -225,6 +231,9 @@ def score(
         f"run {run_id} done: {summary.total} images, {summary.ok} ok, {summary.error} errors, "
         f"{summary.anomalous} anomalous -> {run_dir}"
     )
+    for cat, d in sorted(drift["categories"].items()):
+        for warning in d["warnings"]:
+            echo(f"  drift warning, {cat}: {warning}")
     if summary.transient:
         echo(
             f"  {summary.transient} errors are transient (I/O, registry, model load): rerun with "
