@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -220,6 +221,7 @@ def section_pipeline(workdir: str) -> Iterator[Row]:
     note = f"TFAModel.predict on tensors already on the GPU; JPEGs written in {prep:.0f}s"
     yield f"model only, {PRESET} package, batch {batch}", f"{ips_model:.0f} images/s", note
     cpus = os.cpu_count() or 1
+    actor_cpus = max(1, min(4, cpus // 4))  # the rest decode and write
     ray.init(num_cpus=cpus, num_gpus=1, include_dashboard=False, log_to_driver=False)
     resolver = scoring.LocalResolver({"texture": model_dir})
     try:
@@ -231,7 +233,7 @@ def section_pipeline(workdir: str) -> Iterator[Row]:
                 shard_size=512,
                 concurrency=1,
                 num_gpus_per_actor=1.0,
-                num_cpus_per_actor=4.0,
+                num_cpus_per_actor=float(actor_cpus),
                 gpu_decode=mode,
                 device=None if device.startswith("cuda") else device,  # a dry run on CPU
             )
@@ -245,7 +247,7 @@ def section_pipeline(workdir: str) -> Iterator[Row]:
                 f"Ray Data scoring {n} JPEGs 256 px, GPU decode {mode}",
                 f"{ips:.0f} images/s",
                 f"{ips / ips_model:.2f} of model only; wall {wall:.0f}s incl. actor start; "
-                f"{cpus} CPUs, 1 actor x 4 CPUs, shard 512",
+                f"{cpus} CPUs, 1 actor x {actor_cpus} CPUs, shard 512",
             )  # fmt: skip
     finally:
         ray.shutdown()
@@ -359,16 +361,30 @@ def run_section(name: str, workdir: str, limit_s: float) -> tuple[list[Row], flo
         os.remove(out)
     cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--section", name, "--workdir", workdir]
     t = time.perf_counter()
+    # its own process group: on timeout, SIGINT lets it shut Ray down, then the group goes
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s)
+        stdout, stderr = proc.communicate(timeout=limit_s)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
         failed = (name, f"FAILED: over its {limit_s:.0f}s limit", "rows above: finished in time")
         return [*_read_rows(out), failed], time.perf_counter() - t
     seconds = time.perf_counter() - t
     rows = _read_rows(out)
-    if res.returncode != 0:
-        lines = (res.stderr or res.stdout or "").strip().splitlines()
-        reason = lines[-1][:160] if lines else f"exit status {res.returncode}"
+    if proc.returncode != 0:
+        lines = (stderr or stdout or "").strip().splitlines()
+        reason = lines[-1][:160] if lines else f"exit status {proc.returncode}"
         rows.append((name, f"FAILED: {reason}", "details: rerun with --only " + name))
     return rows, seconds
 

@@ -215,3 +215,19 @@ def test_gpu_check_says_no_gpu_and_fails_fast():
     assert res.returncode != 0
     assert "no CUDA GPU: gpu_check needs one" in res.stdout + res.stderr
     assert time.monotonic() - t < 30
+
+
+def test_gpu_check_helpers(tmp_path):
+    """The GPU check's parts that need no GPU: its synthetic JPEGs go the device way, and its
+    table lines up."""
+    from benchmarks.gpu_check import format_table, write_jpegs
+
+    paths = write_jpegs(str(tmp_path / "j"), 3, size=32, workers=1)
+    datas = [Path(p).read_bytes() for p in paths]
+    assert len(set(datas)) == 3  # distinct images
+    assert [jpeg_header(d, None) for d in datas] == [(32, 32)] * 3
+    assert write_jpegs(str(tmp_path / "j"), 3, size=32, workers=1) == paths  # reused
+    table = format_table([("forward, batch 32", "1234 images/s", ""), ("x", "FAILED: oom", "n")])
+    lines = table.splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1
+    assert lines[0].startswith("| measure") and "| FAILED: oom   |" in lines[3]
