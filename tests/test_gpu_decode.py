@@ -4,6 +4,7 @@ the code the GPU runs is the code tested; only the JPEG decoder itself differs o
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -80,8 +81,9 @@ def test_jpeg_header_sends_only_plain_jpegs_to_the_device():
 
 
 def test_device_decode_matches_the_cpu_path():
-    """Decoded + resized on the "device" vs Pillow decode + BILINEAR resize: torch's antialiased
-    bilinear differs from Pillow's by rounding only (measured: at most 1 level, mean < 0.2)."""
+    """Decoded + resized on the "device" vs Pillow decode + BILINEAR resize: the same libjpeg
+    decode on CPU, and torch's antialiased bilinear in Pillow's two rounded passes differs by
+    rounding only (measured: at most 1 level, mean <= 0.055)."""
     f = mixed_files()
     names = ["same.jpg", "up.jpg", "down.jpg", "grey.jpg", "progressive.jpg"]
     got = decode_jpegs([f[n] for n in names], 64, "cpu")
@@ -89,7 +91,7 @@ def test_device_decode_matches_the_cpu_path():
         want, _ = decode_array(f[name], 64, None)
         assert t.dtype.is_floating_point is False and tuple(t.shape) == (3, 64, 64), name
         diff = np.abs(t.numpy().astype(int) - want.astype(int))
-        assert diff.max() <= 2 and diff.mean() < 0.5, (name, diff.max(), diff.mean())
+        assert diff.max() <= 2 and diff.mean() < 0.15, (name, diff.max(), diff.mean())
         if name == "same.jpg":
             assert diff.max() == 0  # no resize: the same libjpeg decode, bit for bit
 
@@ -120,21 +122,18 @@ def _archive(root: Path) -> dict[str, bytes]:
     return files
 
 
-def _score_stages(paths: list[str], model_dir: str, gpu_decode: bool) -> list[dict]:
-    models = {"texture": {"name": "tfa-texture", "version": 3, "image_size": 64}}
-    shard = {"file": ["f"], "category": ["texture"], "paths": [json.dumps(paths)]}
-    batch = scoring.decode_shard(shard, models, None, None, gpu_decode=gpu_decode)
-    scorer = scoring.ShardScorer(
-        scoring.LocalResolver({"texture": model_dir}), batch_size=3, device="cpu"
-    )
-    return batch, json.loads(scorer(batch)["items"][0])
-
-
 def test_stages_with_device_decode_give_the_cpu_rows(tiny_model_dir, tmp_path):
     _archive(tmp_path)
     paths = sorted(str(p) for p in (tmp_path / "texture").iterdir())
-    off_batch, off = _score_stages(paths, tiny_model_dir, gpu_decode=False)
-    on_batch, on = _score_stages(paths, tiny_model_dir, gpu_decode=True)
+    models = {"texture": {"name": "tfa-texture", "version": 3, "image_size": 64}}
+    shard = {"file": ["f"], "category": ["texture"], "paths": [json.dumps(paths)]}
+    scorer = scoring.ShardScorer(
+        scoring.LocalResolver({"texture": tiny_model_dir}), batch_size=3, device="cpu"
+    )
+    off_batch = scoring.decode_shard(shard, models, None, None, gpu_decode=False)
+    on_batch = scoring.decode_shard(shard, models, None, None, gpu_decode=True)
+    off = json.loads(scorer(off_batch)["items"][0])
+    on = json.loads(scorer(on_batch)["items"][0])
     # the decode stage left the plain JPEGs encoded (smaller than their pixels)
     left = [Path(it["path"]).name for it in json.loads(on_batch["items"][0]) if "encoded" in it]
     assert sorted(left) == ["corrupt.jpg", "down.jpg", "grey.jpg", "progressive.jpg"] + [
@@ -150,7 +149,7 @@ def test_stages_with_device_decode_give_the_cpu_rows(tiny_model_dir, tmp_path):
         assert (a.get("width"), a.get("height")) == (b.get("width"), b.get("height")), name
         assert "encoded" not in b
         if a["status"] == "ok":
-            assert b["score"] == pytest.approx(a["score"], rel=0.02, abs=1e-4), name
+            assert b["score"] == pytest.approx(a["score"], rel=0.01, abs=1e-4), name
     status = {Path(it["path"]).name: it["status"] for it in on}
     assert [n for n, s in status.items() if s == "error"] == ["corrupt.jpg", "truncated.jpg"]
 
@@ -181,7 +180,7 @@ def test_pipeline_with_gpu_decode_on_gives_the_same_scores(ray_cluster, tiny_mod
         b = rows["on"][name]
         assert a["status"] == b["status"], name
         if a["status"] == "ok":
-            assert b["score"] == pytest.approx(a["score"], rel=0.02, abs=1e-4), name
+            assert b["score"] == pytest.approx(a["score"], rel=0.01, abs=1e-4), name
     assert sum(r["status"] == "error" for r in rows["on"].values()) == 2
 
 
@@ -195,6 +194,12 @@ def test_gpu_decode_mode():
     cfg.gpu_decode = "yes"
     with pytest.raises(ValueError, match="gpu_decode"):
         cfg.decode_on_device()
+    p = argparse.ArgumentParser()
+    scoring.add_score_arguments(p)
+    base = ["--input", "x", "--output", "y", "--num-gpus-per-actor", "1"]
+    assert scoring.config_from_args(p.parse_args(base))[0].decode_on_device()
+    off = scoring.config_from_args(p.parse_args([*base, "--gpu-decode", "off"]))[0]
+    assert off.gpu_decode == "off" and not off.decode_on_device()
 
 
 # --------------------------------------------------------------------------------------
