@@ -47,7 +47,7 @@ LIMITS = {
     "decode": 60.0,
     "pipeline": 200.0,
     "train": 45.0,
-    "parity": 60.0,
+    "parity": 90.0,
     "compile": 120.0,
 }
 Row = tuple[str, str, str]  # (what, value, note)
