@@ -42,16 +42,36 @@ def checkpoint_sizes(det: Detector) -> dict[str, int]:
     return {"net": net, "adam": moments, "epoch": net + moments, "best": net}
 
 
-def time_forward(det: Detector, preset, batch: int, repeats: int, bf16: bool) -> float:
-    x = torch.rand(batch, 3, preset.model.image_size, preset.model.image_size)
+def random_backbone(preset):
+    """The preset with a randomly initialised backbone: timing does not depend on the weights'
+    values, and nothing is downloaded."""
+    backbone = dataclasses.replace(preset.model.backbone, weights="random")
+    return dataclasses.replace(preset, model=dataclasses.replace(preset.model, backbone=backbone))
+
+
+def time_forward(
+    det: Detector,
+    preset,
+    batch: int,
+    repeats: int,
+    bf16: bool,
+    device: torch.device = CPU,
+    warmup: int = 1,
+) -> float:
+    """Median seconds per image of the scorer's inference path (``det`` may be compiled)."""
+    x = torch.rand(batch, 3, preset.model.image_size, preset.model.image_size, device=device)
     times = []
-    with torch.no_grad(), autocast("bf16" if bf16 else "fp32", CPU):
-        for i in range(repeats + 1):
+    with torch.no_grad(), autocast("bf16" if bf16 else "fp32", device):
+        for i in range(repeats + warmup):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             t = time.perf_counter()
             phi, phi_hat = det(x)
             maps = anomaly_map(phi, phi_hat, preset.model.image_size, preset.anomaly)
             image_score(maps, preset.anomaly)
-            if i:  # the first run warms up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:  # the first runs warm up
                 times.append(time.perf_counter() - t)
     return statistics.median(times) / batch
 
@@ -107,9 +127,7 @@ def main() -> None:
     p.add_argument("--model", help="also evaluate this trained package in fp32 and bf16")
     args = p.parse_args()
 
-    preset = get_preset(args.preset)
-    backbone = dataclasses.replace(preset.model.backbone, weights="random")
-    preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, backbone=backbone))
+    preset = random_backbone(get_preset(args.preset))
     torch.manual_seed(0)
     det = Detector(preset.model, torch.rand(3, preset.model.image_size, preset.model.image_size))
     det.eval()

@@ -71,7 +71,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_model(path: str, preset_name: str, passes: int = 0, layout: str = "lattice") -> str:
+def make_model(
+    path: str,
+    preset_name: str,
+    passes: int = 0,
+    layout: str = "lattice",
+    backbone_weights: str | None = None,
+) -> str:
     from tfa_ray.anomaly import Calibration
     from tfa_ray.config import get_preset
     from tfa_ray.model import Detector
@@ -80,6 +86,11 @@ def make_model(path: str, preset_name: str, passes: int = 0, layout: str = "latt
     if os.path.exists(os.path.join(path, "meta.json")):
         return path
     preset = get_preset(preset_name)
+    if backbone_weights:  # e.g. "random": the paper's WRN50-2 without a download
+        backbone = dataclasses.replace(preset.model.backbone, weights=backbone_weights)
+        preset = dataclasses.replace(
+            preset, model=dataclasses.replace(preset.model, backbone=backbone)
+        )
     if preset.anomaly.score == "auto":  # a trained package holds the kind training selected
         preset = dataclasses.replace(
             preset, anomaly=dataclasses.replace(preset.anomaly, score="topk")
@@ -96,18 +107,28 @@ def make_model(path: str, preset_name: str, passes: int = 0, layout: str = "latt
 
 
 def model_only(
-    model_dir: str, batch: int, threads: int, n_batches: int, precision: str = "auto"
+    model_dir: str,
+    batch: int,
+    threads: int,
+    n_batches: int,
+    precision: str = "auto",
+    device: str = "cpu",
 ) -> float:
     from tfa_ray.package import load_model
 
     torch.set_num_threads(threads)
-    model = load_model(model_dir)
+    model = load_model(model_dir, device=device)
     model.precision = precision
-    x = torch.rand(batch, 3, model.image_size, model.image_size)
-    model.predict(x)  # warm-up (template embedding, allocator)
+    x = torch.rand(batch, 3, model.image_size, model.image_size, device=device)
+    with torch.no_grad():
+        model.predict(x)  # warm-up (template embedding, allocator)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
-    for _ in range(n_batches):
-        model.predict(x)
+    with torch.no_grad():
+        for _ in range(n_batches):
+            model.predict(x)
+        sync()
     return batch * n_batches / (time.perf_counter() - t)
 
 

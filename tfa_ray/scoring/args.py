@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tfa_ray.data import MAX_PIXELS
 from tfa_ray.package import PRECISIONS
-from tfa_ray.scoring.config import ScoreConfig
+from tfa_ray.scoring.config import GPU_DECODE, ScoreConfig
 from tfa_ray.scoring.models import LocalResolver, Resolver
 
 
@@ -51,6 +51,12 @@ def add_score_arguments(p) -> None:
         default="auto",
         help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: also on CPU",
     )
+    p.add_argument(
+        "--gpu-decode",
+        choices=GPU_DECODE,
+        default="auto",
+        help="decode JPEGs on the scorer's device (auto: when actors have GPUs)",
+    )
     p.add_argument("--report", help="also write the HTML run report to this file")
     p.add_argument("--json", help="write the run summary as JSON to this file")
 
@@ -77,6 +83,7 @@ def config_from_args(args) -> tuple[ScoreConfig, Resolver | None]:
         endpoint_url=args.endpoint_url,
         device=args.device,
         precision=args.precision,
+        gpu_decode=args.gpu_decode,
     )
     resolver: Resolver | None = None
     if args.model:

@@ -7,6 +7,8 @@ from typing import Any
 
 from tfa_ray.data import MAX_PIXELS
 
+GPU_DECODE = ("auto", "on", "off")
+
 
 @dataclass
 class ScoreConfig:
@@ -30,6 +32,17 @@ class ScoreConfig:
     device: str | None = None  # scorer device; default cuda when the actor has a GPU
     precision: str = "auto"  # see tfa_ray.package.PRECISIONS
     retry_after_s: float = 30.0  # a scorer actor tries a failed model load again after this
+    # JPEGs decoded by the scorer on its device (nvjpeg) instead of by the CPU decode tasks;
+    # auto: on when the scorer actors have GPUs. Other formats and odd JPEGs decode on CPU.
+    gpu_decode: str = "auto"
+
+    def decode_on_device(self) -> bool:
+        """Whether the decode stage leaves JPEGs encoded for the scorer's device."""
+        if self.gpu_decode not in GPU_DECODE:
+            raise ValueError(f"gpu_decode must be one of {GPU_DECODE}, got {self.gpu_decode!r}")
+        return self.gpu_decode == "on" or (
+            self.gpu_decode == "auto" and self.num_gpus_per_actor > 0
+        )
 
 
 @dataclass

@@ -91,6 +91,7 @@ def _pipeline(
             "models": plan.models,
             "max_pixels": cfg.max_pixels,
             "endpoint_url": cfg.endpoint_url,
+            "gpu_decode": cfg.decode_on_device(),  # JPEGs travel encoded to the scorer
         },
     )
     use_gpu = cfg.num_gpus_per_actor > 0
