@@ -274,7 +274,7 @@ def _archive(root: Path, n: int) -> list[str]:
 
 
 def test_scorer_pool_one_logical_gpu_per_actor(gpu_cluster, tiny_model_dir, tmp_path):
-    paths = _archive(tmp_path / "in", 16)
+    paths = _archive(tmp_path / "in", 12)
     record = tmp_path / "record"
     record.mkdir()
     scorer = type("Recording", (RecordingScorer,), {"record_dir": str(record)})
