@@ -130,7 +130,7 @@ def worker_loop(config: dict) -> None:
         os.environ["AWS_ENDPOINT_URL"] = config["endpoint_url"]
     ctx = train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(assigned_cpus())  # decoding and checks run on the CPUs Ray gave us
+    torch.set_num_threads(assigned_cpus() or 1)  # decoding and checks: the CPUs Ray gave us
     preset = preset_from_json(config["preset"])
     data = discover(config["data"], config["category"])
 

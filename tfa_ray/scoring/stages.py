@@ -175,7 +175,9 @@ class ShardScorer:
         self.alias = alias
         self.batch_size = max(1, int(batch_size))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch.set_num_threads(max(1, int(num_threads or assigned_cpus())))
+        threads = num_threads or assigned_cpus()  # None: called outside Ray, leave torch be
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
         self.precision = precision
         self.pinned = dict(pinned or {})  # category -> the version the run's plan resolved
         self.retry_after_s = retry_after_s
