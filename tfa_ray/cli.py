@@ -265,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-workers", type=int, default=1, help="Ray workers per category (DDP)")
     t.add_argument("--use-gpu", action="store_true", help="one GPU per Ray worker")
     t.add_argument("--cpus-per-worker", type=float, default=1.0)
-    t.add_argument("--max-concurrent", type=int, help="categories at once (default: what fits)")
+    t.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="categories at once (default: all; Ray queues what does not fit yet)",
+    )
     t.add_argument("--storage-path", help="checkpoints: a directory or s3:// (default ./runs/ray)")
     t.add_argument("--max-failures", type=int, default=1, help="worker-group restarts allowed")
     t.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")

@@ -32,10 +32,14 @@ from tfa_ray.model import Detector
 
 FILES = ("weights.safetensors", "config.json", "template.png", "calibration.json", "meta.json")
 
-# The precision policy, one for every forward pass that scores: "auto" is bf16 autocast on
-# CUDA and fp32 elsewhere; "bf16" also autocasts on CPUs (about 1.7x faster where the CPU has
-# bf16 instructions, same AUROCs on magnetic_tile: benchmarks/forward.py); "fp32" never does.
+# The precision policy, one for every forward pass that scores or calibrates: "auto" is bf16
+# autocast on CUDA devices that run bf16 natively (compute capability 8.0+: Ampere and later),
+# fp16 autocast on older CUDA devices and fp32 elsewhere; "bf16" also autocasts on CPUs (about
+# 1.7x faster on CPUs with bf16 instructions, same AUROCs on magnetic_tile: benchmarks/forward.py);
+# "fp32" never autocasts. Anomaly maps are computed in fp32 whatever the autocast
+# (Detector.evidence).
 PRECISIONS = ("auto", "bf16", "fp32")
+NATIVE_BF16_CAPABILITY = (8, 0)
 
 # Heat maps are stored as 16-bit PNGs on one scale per model. With span = map_high - map_low
 # (the 99.9th percentile minus the median of normal pixels' values), 0 stands for
@@ -44,12 +48,38 @@ PRECISIONS = ("auto", "bf16", "fp32")
 HEATMAP_HEADROOM = 32.0
 
 
-def autocast(precision: str, device: torch.device):
-    """The autocast context that ``precision`` means on ``device``."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (on older GPUs it is emulated, slowly)."""
+    return torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
+
+
+def autocast_dtype(
+    precision: str, device: str | torch.device, training: bool = False
+) -> torch.dtype | None:
+    """The autocast dtype ``precision`` means on ``device`` (None: fp32, no autocast).
+
+    ``training``: fp16 becomes fp32, since fp16 gradients underflow without loss scaling, which
+    the training loop does not do; bf16 keeps fp32's range and needs none."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    device = torch.device(device)
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        dtype = torch.bfloat16 if native_bf16(device) else torch.float16
+    else:
+        dtype = torch.bfloat16 if precision == "bf16" else None
+    if training and dtype == torch.float16:
+        return None
+    return dtype
+
+
+def autocast(precision: str, device: str | torch.device, training: bool = False):
+    """The autocast context that ``precision`` means on ``device`` (see :func:`autocast_dtype`):
+    the one policy for training, selection, calibration, evaluation and scoring."""
+    device = torch.device(device)
+    dtype = autocast_dtype(precision, device, training)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def is_anomalous(score: float, threshold: float) -> bool:

@@ -108,10 +108,10 @@ def corrupted_copies(images: torch.Tensor, seed: int) -> torch.Tensor:
     return out
 
 
-def autocast(device: torch.device):
-    """The package's precision policy at ``auto`` (bf16 on CUDA, fp32 elsewhere): selection and
-    calibration run at the precision scoring will use."""
-    return package_autocast("auto", device)
+def autocast(device: torch.device, training: bool = False):
+    """The package's precision policy at ``auto`` (:func:`tfa_ray.package.autocast_dtype`):
+    selection and calibration run at the precision scoring will use."""
+    return package_autocast("auto", device, training)
 
 
 @torch.no_grad()

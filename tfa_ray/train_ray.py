@@ -13,10 +13,18 @@ After a worker dies, ``FailureConfig(max_failures)`` restarts the group and it c
 the last checkpoint (loaded onto the CPU, so a GPU checkpoint resumes anywhere). The last
 report carries the tfa-ray model package.
 
-The driver side (:func:`train_categories`) checks inputs before any worker starts, runs the
-categories concurrently (threads, each blocking on its own trainer), evaluates each model on its
-test split, and logs / registers it through :mod:`tfa_ray.tracking`. A failing category never
-stops the others; its outcome carries one error line.
+Rank 0 then evaluates the package on the category's test split on its own device (the driver
+may have no GPU, or no CPU to spare: a head with ``num-cpus: 0``) and returns the metrics with
+the package.
+
+The driver side (:func:`train_categories`) checks inputs before any worker starts, submits the
+categories at once (threads, each blocking on its own trainer; ``max_concurrent`` bounds them) and
+lets Ray queue their resource requests: on an autoscaling cluster the pending requests are what
+scales it up, and a snapshot of its GPUs at start would read 0. Ray Train V2 waits for a worker
+group's placement group for ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s), then gives it up
+and asks again, without limit (``FailureConfig.controller_failure_limit`` -1): a queued trainer
+waits, it does not fail. Each model is logged / registered through :mod:`tfa_ray.tracking`. A
+failing category never stops the others; its outcome carries one error line.
 """
 
 from __future__ import annotations
@@ -48,6 +56,9 @@ class RaySettings:
     storage_path: str | None = None  # checkpoints; default ./runs/ray
     max_failures: int = 1
     endpoint_url: str | None = None  # S3 endpoint for data / checkpoints (else AWS_ENDPOINT_URL)
+    # The workers' torch device: default the worker's GPU with use_gpu, else the CPU. "cpu" with
+    # use_gpu schedules on (logical) GPUs but computes on the CPU: tests of the GPU scheduling.
+    device: str | None = None
 
 
 @dataclass
@@ -69,17 +80,6 @@ class Outcome:
 
 # --------------------------------------------------------------------------------------
 # Ray
-
-
-def default_concurrency(settings: RaySettings) -> int:
-    """As many categories as the cluster's resources hold at once (at least one)."""
-    import ray
-
-    res = ray.cluster_resources()
-    if settings.use_gpu:
-        return max(1, int(res.get("GPU", 0) // max(settings.num_workers, 1)))
-    per = settings.num_workers * settings.cpus_per_worker
-    return max(1, int(math.floor(res.get("CPU", 1) / per)))
 
 
 def _storage(settings: RaySettings):
@@ -123,13 +123,14 @@ def worker_loop(config: dict) -> None:
     from tfa_ray.config import preset_from_json
     from tfa_ray.data import discover
     from tfa_ray.package import save_model
+    from tfa_ray.ray_env import assigned_cpus
     from tfa_ray.training import fit
 
     if config.get("endpoint_url"):
         os.environ["AWS_ENDPOINT_URL"] = config["endpoint_url"]
     ctx = train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    torch.set_num_threads(assigned_cpus() or 1)  # decoding and checks: the CPUs Ray gave us
     preset = preset_from_json(config["preset"])
     data = discover(config["data"], config["category"])
 
@@ -170,7 +171,10 @@ def worker_loop(config: dict) -> None:
         def wrap(net):
             return train.torch.prepare_model(net, move_to_device=False)
 
-    device = train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+    if config.get("device"):
+        device = torch.device(config["device"])
+    else:
+        device = train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
 
     def on_epoch_end(record: dict) -> None:
         # fit's train_loss is this worker's shard only; log the mean over the workers (the loss
@@ -209,18 +213,32 @@ def worker_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="tfa-final-") as d:
             meta = {"category": data.category, "data": config["data"], **summary}
             meta["history"] = result.history
-            save_model(
+            pkg = save_model(
                 os.path.join(d, "package"),
                 result.detector,
                 result.preset,
                 result.calibration,
                 meta,
             )
+            del result  # the package is the model now; its GPU memory is free for evaluation
+            summary["test_metrics"] = evaluate_package(pkg, data, device)
             with open(os.path.join(d, "result.json"), "w") as f:
-                json.dump({"summary": summary, "history": result.history}, f, default=str)
+                json.dump({"summary": summary, "history": meta["history"]}, f, default=str)
             train.report({"done": 1}, checkpoint=Checkpoint.from_directory(d))
     else:
         train.report({"done": 1})
+
+
+def evaluate_package(pkg: str, data, device) -> dict:
+    """Test-split metrics of the package as saved (evaluation, never selection), on ``device``
+    at the precision scoring uses there; {} without a test split."""
+    from tfa_ray.evaluation import evaluate_model
+    from tfa_ray.package import load_model
+
+    if not data.test:
+        return {}
+    ev = evaluate_model(load_model(pkg, device=device), data)
+    return {k: float(v) for k, v in ev.metrics.items() if isinstance(v, (int, float))}
 
 
 # --------------------------------------------------------------------------------------
@@ -260,10 +278,11 @@ def train_one(
 ) -> tuple[str, dict, list]:
     """Train one category on Ray Train; returns (local package dir, summary, history).
 
-    The package directory is a fresh temporary directory the caller owns. ``loop`` is the
-    worker body (tests wrap :func:`worker_loop` to inject faults)."""
+    The package directory is a fresh temporary directory the caller owns; the summary's
+    ``test_metrics`` are the test split's, measured by the worker. ``loop`` is the worker body
+    (tests wrap :func:`worker_loop` to inject faults)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from tfa_ray import storage
 
@@ -286,10 +305,12 @@ def train_one(
             "template": template,
             "skip_bad": skip_bad,
             "use_gpu": settings.use_gpu,
+            "device": settings.device,
             "endpoint_url": settings.endpoint_url,
-            "threads": max(1, int(settings.cpus_per_worker)),
             "best_dir": best_dir,
         },
+        # NCCL with GPUs; gloo when the tensors live on the CPU (settings.device "cpu")
+        torch_config=TorchConfig(backend="gloo") if settings.device == "cpu" else None,
         scaling_config=ScalingConfig(
             num_workers=settings.num_workers,
             use_gpu=settings.use_gpu,
@@ -329,10 +350,12 @@ def train_categories(
     prefix: str = "tfa-",
     promote_if_better: str | None = None,
     echo: Callable[[str], None] = print,
+    loop: Callable[[dict], None] = worker_loop,
 ) -> list[Outcome]:
     """Train, evaluate, log and register every category; never raises for one category.
 
-    ``outputs``: category -> directory / URL where its model package is also written."""
+    ``outputs``: category -> directory / URL where its model package is also written; ``loop``
+    as in :func:`train_one`."""
     from tfa_ray import storage
     from tfa_ray.config import preset_from_json, preset_to_json
     from tfa_ray.data import discover
@@ -356,10 +379,12 @@ def train_categories(
 
         _storage(settings)  # a missing checkpoint bucket fails here, once
         init_ray(log_to_driver=True)  # the epochs' lines come from the workers
-    concurrency = (max_concurrent or default_concurrency(settings)) if ready else 1
+    # All at once: Ray queues what does not fit yet (and an autoscaler scales up for it).
+    concurrency = max(1, min(max_concurrent or len(ready), len(ready)))
     echo(
         f"training {len(ready)} categor{'y' if len(ready) == 1 else 'ies'} on Ray "
-        f"({settings.num_workers} worker(s) each, {concurrency} at a time)"
+        f"({settings.num_workers} worker(s) each, up to {concurrency} at a time as resources "
+        "allow)"
     )
     lock = threading.Lock()  # MLflow's fluent API is process-global: log one run at a time
 
@@ -369,11 +394,20 @@ def train_categories(
         tmp_root = None
         try:
             pkg, summary, history = train_one(
-                data, category, preset_json, settings, template=template, skip_bad=skip_bad
+                data,
+                category,
+                preset_json,
+                settings,
+                template=template,
+                skip_bad=skip_bad,
+                loop=loop,
             )
             tmp_root = os.path.dirname(pkg)
+            out.metrics = summary.pop("test_metrics", None) or {}
             out.summary, out.history = summary, history
-            out.metrics = _evaluate(pkg, data, category, echo)
+            if out.metrics:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in out.metrics.items())
+                echo(f"[{category}] test split: {shown}")
             if outputs and outputs.get(category):
                 _copy_package(pkg, outputs[category])
                 out.package_dir = outputs[category]
@@ -435,22 +469,6 @@ def train_categories(
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         list(pool.map(run, ready))
     return [outcomes[c] for c in categories]
-
-
-def _evaluate(pkg: str, data: str, category: str, echo: Callable[[str], None]) -> dict:
-    """Test-split metrics after training (evaluation, never selection); {} without a split."""
-    from tfa_ray.data import discover
-    from tfa_ray.evaluation import evaluate_model
-    from tfa_ray.package import load_model
-
-    cat = discover(data, category)
-    if not cat.test:
-        return {}
-    ev = evaluate_model(load_model(pkg), cat)
-    metrics = {k: float(v) for k, v in ev.metrics.items() if isinstance(v, (int, float))}
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-    echo(f"[{category}] test split: {shown}")
-    return metrics
 
 
 def _copy_package(src: str, dst: str) -> None:

@@ -366,7 +366,7 @@ def train_epochs(
                 if noisy.any():
                     phi_in = phi.clone()
                     phi_in[noisy] = prep.corrupt_phi[batch[noisy]].to(device).float()
-            with autocast(device):
+            with autocast(device, training=True):
                 loss = training_loss(detector, net, phi, phi_in, preset)
             progress = state.step / total_steps if total_steps else 0.0
             if tcfg.time_budget_s:

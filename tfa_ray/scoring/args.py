@@ -37,6 +37,13 @@ def add_score_arguments(p) -> None:
     p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
     p.add_argument("--decode-concurrency", type=int, help="max decode tasks at once")
     p.add_argument(
+        "--model-cache-gb",
+        type=float,
+        default=4.0,
+        help="GB of models each scorer actor keeps loaded, least recently used out first "
+        "(a paper model is about 0.9 GB)",
+    )
+    p.add_argument(
         "--heatmaps", action="store_true", help="also store heat maps (16-bit PNG, model scale)"
     )
     p.add_argument("--run-id", help="run id; rerun with the same id to resume a run")
@@ -49,7 +56,8 @@ def add_score_arguments(p) -> None:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: also on CPU",
+        help="auto: bf16 autocast on GPUs with native bf16 (compute capability 8.0+), fp16 "
+        "on older GPUs, fp32 on CPU; bf16: also on CPU",
     )
     p.add_argument(
         "--gpu-decode",
@@ -77,6 +85,7 @@ def config_from_args(args) -> tuple[ScoreConfig, Resolver | None]:
         num_gpus_per_actor=args.num_gpus_per_actor,
         num_cpus_per_actor=args.num_cpus_per_actor,
         decode_concurrency=args.decode_concurrency,
+        model_cache_gb=args.model_cache_gb,
         heatmaps=args.heatmaps,
         run_id=args.run_id,
         max_pixels=args.max_pixels,

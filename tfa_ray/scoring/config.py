@@ -32,6 +32,7 @@ class ScoreConfig:
     device: str | None = None  # scorer device; default cuda when the actor has a GPU
     precision: str = "auto"  # see tfa_ray.package.PRECISIONS
     retry_after_s: float = 30.0  # a scorer actor tries a failed model load again after this
+    model_cache_gb: float = 4.0  # models a scorer actor keeps (least recently used out first)
     # JPEGs decoded by the scorer on its device (nvjpeg) instead of by the CPU decode tasks;
     # auto: on when the scorer actors have GPUs. Other formats and odd JPEGs decode on CPU.
     gpu_decode: str = "auto"

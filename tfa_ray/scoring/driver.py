@@ -106,10 +106,10 @@ def _pipeline(
             "alias": cfg.alias,
             "batch_size": cfg.batch_size,
             "device": cfg.device or ("cuda" if use_gpu else "cpu"),
-            "num_threads": max(1, int(round(cfg.num_cpus_per_actor))),
             "precision": cfg.precision,
             "pinned": {c: m["version"] for c, m in plan.models.items() if "version" in m},
             "retry_after_s": cfg.retry_after_s,
+            "model_cache_bytes": int(cfg.model_cache_gb * 1024**3),
         },
     )
     ds = ds.map_batches(

@@ -30,6 +30,7 @@ from PIL import ExifTags, Image
 from tfa_ray import storage
 from tfa_ray.data import ImageDecodeError, decode_image
 from tfa_ray.retry import is_transient
+from tfa_ray.scoring.cache import DEFAULT_MAX_BYTES, ModelCache, model_nbytes
 from tfa_ray.scoring.contract import ERROR, OK, PERMANENT, TRANSIENT, retry_marker, to_table
 from tfa_ray.scoring.manifest import read_shard_paths
 from tfa_ray.scoring.models import Resolver
@@ -260,10 +261,12 @@ def _peak_rss_mb() -> float:
 class ShardScorer:
     """Callable class for ``map_batches``: scores one shard per call.
 
-    Each actor loads the model of each category it meets once and keeps it (the template's
-    embedding is computed at load). A failed load is not kept for the actor's lifetime: the
-    shard's rows become transient error rows and the load is tried again after
-    ``retry_after_s`` (the resolver itself already retried with backoff).
+    Each actor loads the model of each category it meets once and keeps it while it fits the
+    model cache (``model_cache_bytes``, least recently used out first; the template's embedding
+    is computed at load). A failed load is not kept for the actor's lifetime: the shard's rows
+    become transient error rows and the load is tried again after ``retry_after_s`` (the
+    resolver itself already retried with backoff). Torch gets as many threads as the CPUs Ray
+    gave the actor (``num_threads`` overrides): a GPU actor's CPU work uses them too.
     """
 
     def __init__(
@@ -276,20 +279,24 @@ class ShardScorer:
         precision: str = "auto",
         pinned: dict[str, int] | None = None,
         retry_after_s: float = 30.0,
+        model_cache_bytes: int = DEFAULT_MAX_BYTES,
     ):
         import torch
+
+        from tfa_ray.ray_env import assigned_cpus
 
         self.torch = torch
         self.resolver = resolver
         self.alias = alias
         self.batch_size = max(1, int(batch_size))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if num_threads and self.device == "cpu":
-            torch.set_num_threads(int(num_threads))
+        threads = num_threads or assigned_cpus()  # None: called outside Ray, leave torch be
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
         self.precision = precision
         self.pinned = dict(pinned or {})  # category -> the version the run's plan resolved
         self.retry_after_s = retry_after_s
-        self.models: dict[str, tuple[str, int, Any]] = {}
+        self.models = ModelCache(model_cache_bytes, size=lambda entry: model_nbytes(entry[2]))
         self.failed: dict[str, tuple[float, str]] = {}  # category -> (monotonic time, message)
 
     def load(self, category: str) -> tuple[str, int, Any]:
@@ -306,15 +313,17 @@ class ShardScorer:
 
     def _model(self, category: str) -> tuple[str, int, Any] | str:
         """The loaded model, or the message of a failed load."""
-        if category in self.models:
-            return self.models[category]
+        entry = self.models.get(category)
+        if entry is not None:
+            return entry
         failed = self.failed.get(category)
         if failed and time.monotonic() - failed[0] < self.retry_after_s:
             return failed[1]
         try:
-            self.models[category] = self.load(category)
+            entry = self.load(category)
+            self.models.put(category, entry)
             self.failed.pop(category, None)
-            return self.models[category]
+            return entry
         except Exception as e:  # noqa: BLE001 - the shard's rows become transient error rows
             msg = f"cannot load model for category {category!r}: {type(e).__name__}: {e}"
             self.failed[category] = (time.monotonic(), msg)
