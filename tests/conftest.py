@@ -61,6 +61,7 @@ def _start_ray() -> None:
     os.environ.update({k: dummy[k] for k in added})
     try:
         ray.init(
+            address="local",  # never join another cluster on the machine (ray start --head)
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,
