@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tfa_ray.package import PRECISIONS
+from tfa_ray.config import PRECISIONS
 
 
 def make_archive(root: str, n: int, seed: int = 0) -> list[str]:
@@ -78,7 +78,7 @@ def make_model(
     layout: str = "lattice",
     backbone_weights: str | None = None,
 ) -> str:
-    from tfa_ray.anomaly import Calibration
+    from tfa_ray.calibration import Calibration
     from tfa_ray.config import get_preset
     from tfa_ray.model import Detector
     from tfa_ray.package import save_model

@@ -6,15 +6,14 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from tfa_ray.anomaly import (
-    Calibration,
     anomaly_map,
-    calibrate,
     cosine_term,
     euclidean_term,
     gaussian_blur,
     image_score,
     reconstruction_loss,
 )
+from tfa_ray.calibration import Calibration, calibrate
 from tfa_ray.config import AnomalyConfig
 
 

@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from tfa_ray import drift, report, storage
-from tfa_ray.anomaly import Calibration, calibrate
+from tfa_ray.calibration import Calibration, calibrate
 from tfa_ray.scoring.contract import SUCCESS_FILE, run_dir_url, shard_file, to_table
 
 REF = np.random.default_rng(0).normal(1.0, 0.2, size=75)  # the calibration normals' scores

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from tfa_ray import registry
-from tfa_ray.anomaly import Calibration
+from tfa_ray.calibration import Calibration
 from tfa_ray.config import get_preset
 from tfa_ray.model import Detector
 from tfa_ray.package import load_model, save_model

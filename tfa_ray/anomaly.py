@@ -7,12 +7,8 @@ over channels); the released reference code took it per 4x4 patch in training.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -116,75 +112,3 @@ def image_score(maps: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
         k = max(1, int(round(flat.shape[1] * cfg.topk_fraction)))
         return flat.topk(k, dim=1).values.mean(dim=1)
     raise ValueError(f"unknown image score {cfg.score!r}; use 'std', 'max' or 'topk'")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Decision threshold and score statistics, all from held-out normal training images that
-    model selection never saw (their own split), at the precision scoring uses.
-
-    ``threshold`` flags ``target_fpr`` of those normals; ``supported_fpr`` is the smallest
-    false-positive rate their number can demonstrate, 1 / (n + 1): a target below it is
-    met only by putting the threshold above every calibration image, and is not a measured
-    rate; ``score_mean`` / ``score_std`` describe normal scores; ``map_low`` / ``map_high``
-    fix one model-wide scale for heat maps
-    (the median and the 99.9th percentile of normal pixels' anomaly values), so heat maps
-    compare across images and nights; ``pixel_threshold`` binarises maps into defect masks;
-    ``normal_scores`` are the calibration images' scores themselves (6 significant digits),
-    the reference a nightly run's score distribution is compared with (:mod:`tfa_ray.drift`).
-    """
-
-    threshold: float
-    target_fpr: float
-    score_mean: float
-    score_std: float
-    num_images: int
-    map_low: float
-    map_high: float
-    pixel_threshold: float
-    supported_fpr: float = 0.0  # 0: unknown (a package from before it was recorded)
-    normal_scores: tuple[float, ...] = ()  # empty: a package from before they were recorded
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Calibration:
-        fields = json.loads(text)
-        fields["normal_scores"] = tuple(float(s) for s in fields.get("normal_scores") or ())
-        return cls(**fields)
-
-
-def calibrate(
-    normal_scores: np.ndarray,
-    normal_maps: np.ndarray,
-    target_fpr: float = 0.01,
-    pixel_fpr: float = 0.001,
-) -> Calibration:
-    """Threshold at the (1 - target_fpr) quantile of held-out normal scores.
-
-    With few held-out images the quantile is the conservative order statistic: the smallest
-    threshold that flags at most ``target_fpr`` of them (for fewer than 1 / target_fpr images,
-    just above the highest normal score).
-    """
-    scores = np.sort(np.asarray(normal_scores, dtype=np.float64))
-    if scores.size == 0:
-        raise ValueError("calibration needs at least one held-out normal image")
-    n = scores.size
-    allowed = int(math.floor(target_fpr * n))  # normals that may score above the threshold
-    top = scores[n - 1 - allowed]
-    threshold = float(np.nextafter(top, np.inf))
-    pixels = np.asarray(normal_maps, dtype=np.float32).ravel()
-    low, high, pix_thr = np.quantile(pixels, [0.5, 0.999, 1.0 - pixel_fpr])
-    return Calibration(
-        threshold=threshold,
-        target_fpr=float(target_fpr),
-        score_mean=float(scores.mean()),
-        score_std=float(scores.std()),
-        num_images=int(n),
-        map_low=float(low),
-        map_high=float(max(high, low + 1e-12)),
-        pixel_threshold=float(pix_thr),
-        supported_fpr=1.0 / (n + 1),
-        normal_scores=tuple(float(f"{s:.6g}") for s in scores),
-    )

@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# Inference precisions (the policy itself: tfa_ray.package.autocast)
+PRECISIONS = ("auto", "bf16", "fp32")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -15,12 +15,15 @@ import logging
 import posixpath
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from tfa_ray import storage
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -215,6 +218,8 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """RGB image to float32 ``(3, size, size)`` in [0, 1], resized bilinearly with Pillow's
     antialiasing. No mean / std normalisation: the backbone does that, for inputs and the
     template alike."""
+    import torch  # lazily: the scoring driver plans without loading torch
+
     if img.mode != "RGB":
         img = _to_rgb(img)
     if img.size != (size, size):
@@ -226,6 +231,8 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
 def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
     """Bool / 0-1 ``HxW`` mask to float32 ``(size, size)`` in {0, 1}, nearest-neighbour resize
     (interpolating a mask would invent fractional labels)."""
+    import torch  # lazily: the scoring driver plans without loading torch
+
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {m.shape}")
@@ -423,6 +430,8 @@ def load_image(url: str, size: int, max_pixels: int | None = MAX_PIXELS) -> torc
 def load_mask(sample: Sample, size: int) -> torch.Tensor:
     """The merged (logical OR) ground-truth mask of a sample at ``(size, size)``; zeros when
     the sample has no mask files (normal images, or anomalous ones without annotation)."""
+    import torch  # lazily: the scoring driver plans without loading torch
+
     out = torch.zeros(size, size, dtype=torch.float32)
     for url in sample.mask_paths:
         try:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from tfa_ray import storage
-from tfa_ray.anomaly import Calibration
+from tfa_ray.calibration import Calibration
 
 log = logging.getLogger(__name__)
 

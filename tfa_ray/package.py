@@ -26,8 +26,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from tfa_ray import storage
-from tfa_ray.anomaly import Calibration, image_score
-from tfa_ray.config import Preset, preset_from_json, preset_to_json
+from tfa_ray.anomaly import image_score
+from tfa_ray.calibration import Calibration
+from tfa_ray.config import PRECISIONS, Preset, preset_from_json, preset_to_json
 from tfa_ray.model import Detector
 
 FILES = ("weights.safetensors", "config.json", "template.png", "calibration.json", "meta.json")
@@ -38,7 +39,6 @@ FILES = ("weights.safetensors", "config.json", "template.png", "calibration.json
 # 1.7x faster on CPUs with bf16 instructions, same AUROCs on magnetic_tile: benchmarks/forward.py);
 # "fp32" never autocasts. Anomaly maps are computed in fp32 whatever the autocast
 # (Detector.evidence).
-PRECISIONS = ("auto", "bf16", "fp32")
 NATIVE_BF16_CAPABILITY = (8, 0)
 
 # Heat maps are stored as 16-bit PNGs on one scale per model. With span = map_high - map_low

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from tfa_ray.anomaly import Calibration, calibrate, image_score, reconstruction_loss
+from tfa_ray.anomaly import image_score, reconstruction_loss
+from tfa_ray.calibration import Calibration, calibrate
 from tfa_ray.config import AnomalyConfig, ModelConfig, Preset
 from tfa_ray.metrics import aupro, image_auroc
 from tfa_ray.model import Detector

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tfa_ray.anomaly import Calibration, reconstruction_loss
+from tfa_ray.anomaly import reconstruction_loss
+from tfa_ray.calibration import Calibration
 from tfa_ray.config import Preset
 from tfa_ray.data import CategoryData, check_images, load_image, template_path
 from tfa_ray.evidence import greedy_coreset

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from tfa_ray.config import PRECISIONS
 from tfa_ray.data import MAX_PIXELS
-from tfa_ray.package import PRECISIONS
 from tfa_ray.scoring.config import GPU_DECODE, ScoreConfig
 from tfa_ray.scoring.models import LocalResolver, Resolver
 
