@@ -10,6 +10,8 @@ gets rows for each evidence alone on the same weights (``rec``: the reconstructi
 
     python benchmarks/accuracy.py --data ../shared/data --category magnetic_tile
     python benchmarks/accuracy.py --variants final,T1,no-noise --time-budget 300 --json out.json
+    python benchmarks/accuracy.py --variants final,T1,no-noise,dual,linear,hard \
+        --time-budget 150 --no-test-masking --no-baselines        # the short ablation table
 """
 
 from __future__ import annotations
@@ -126,6 +128,8 @@ def run_variant(name: str, data, args) -> list[dict]:
     overrides = dict(overrides)
     if args.time_budget is not None:
         overrides["train__time_budget_s"] = args.time_budget
+    if args.no_test_masking:
+        overrides.update(train__try_test_mask_passes=(), train__try_test_mask_blocks=())
     preset = get_preset("cpu-small", **overrides)
     t0 = time.perf_counter()
     result = fit(data, preset)
@@ -187,6 +191,11 @@ def main() -> None:
     p.add_argument("--variants", default="final", help=f"comma list of {sorted(VARIANTS)}")
     p.add_argument("--time-budget", type=float, help="override the preset's training budget (s)")
     p.add_argument("--no-baselines", action="store_true", help="skip the PaDiM / PatchCore rows")
+    p.add_argument(
+        "--no-test-masking",
+        action="store_true",
+        help="selection tries no test-time masking (quicker ablations of training switches)",
+    )
     p.add_argument("--focus", default="uneven", help="defect type with its own columns")
     p.add_argument("--per-defect", action="store_true", help="per-defect tables, selected rows")
     p.add_argument("--json", help="also write the rows to this JSON file")

@@ -277,8 +277,8 @@ def test_scorer_pool_one_gpu_per_actor_survives_a_node_removed(
     gpu_cluster, tiny_model_dir, tmp_path
 ):
     """A pool of four scorer actors with one logical GPU each: every actor holds its own GPU,
-    two of them on a node that goes away once the first shard is written. Ray restarts those
-    actors on another node and retries their work: every input is in the output exactly once
+    two of them on a node that goes away once the first shard is written. Ray retries the lost
+    work (on restarted actors or the survivors): every input is in the output exactly once
     after the same run, without a rerun."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -348,12 +348,13 @@ def test_scorer_pool_one_gpu_per_actor_survives_a_node_removed(
     assert all(r["threads"] == 2 for r in first)  # torch threads = the actor's CPUs
     for h in holds:
         ray.kill(h)
+    assert t.is_alive()  # the node goes away mid-run
     cluster.remove_node(doomed)
     t.join(timeout=120)
     assert not t.is_alive(), "scoring hung after the node was removed"
     assert "error" not in result, result.get("error")
-    restarted = [json.loads(p.read_text()) for p in record.glob("*.json")]
-    assert nodes[0].node_id in {r["node"] for r in restarted}  # the lost actors moved to a
+    # Whether Ray restarts the lost actors (on node a, whose GPUs were freed) or the survivors
+    # finish the work depends on timing; either way no input is lost or doubled:
     summary = result["summary"]
     assert summary.total == summary.ok == len(paths)
     out = scoring.read_results(summary.run_dir, columns=["path", "status"]).to_pylist()
