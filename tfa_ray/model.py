@@ -385,15 +385,25 @@ class Detector(nn.Module):
         if self.gaussian is None:
             return maps["reconstruction"]
         w, stat = cfg.w_reconstruction, cfg.statistics
-        norms = {"gaussian": self.gaussian_norm, "residual": self.residual_norm}
-        if stat not in norms or (stat == "residual" and self.residual_gaussian is None):
+        norms = self.map_norms()
+        if stat not in ("gaussian", "residual") or (
+            stat == "residual" and self.residual_gaussian is None
+        ):
             raise ValueError(f"this model has no {stat!r} statistics to fuse")
         if w >= 1:
-            return self.reconstruction_norm(maps["reconstruction"])
+            return norms["reconstruction"](maps["reconstruction"])
         out = norms[stat](maps[stat]) * (1.0 - w)
         if w > 0:
-            out = out + self.reconstruction_norm(maps["reconstruction"]) * w
+            out = out + norms["reconstruction"](maps["reconstruction"]) * w
         return out
+
+    def map_norms(self) -> dict[str, MapNorm]:
+        """Each kind of evidence's normal-pixel scale (fitted in selection, used by ``fuse``)."""
+        return {
+            "reconstruction": self.reconstruction_norm,
+            "gaussian": self.gaussian_norm,
+            "residual": self.residual_norm,
+        }
 
     @torch.no_grad()
     def fit_residual_gaussian(self, phi: torch.Tensor, batch_size: int = 32) -> None:

@@ -201,11 +201,7 @@ def select_inference(
     if detector.gaussian is None:
         weights, stats = (preset.anomaly.w_reconstruction,), (preset.anomaly.statistics,)
     masks, bs = prep.val.masks, tcfg.batch_size
-    norms = {
-        "reconstruction": detector.reconstruction_norm,
-        "gaussian": detector.gaussian_norm,
-        "residual": detector.residual_norm,
-    }
+    norms = detector.map_norms()
     # the residual Gaussian is refitted for each test-time masking (P passes: P forwards per
     # image), on a seeded subset of the training split that keeps that affordable
     g = torch.Generator().manual_seed(tcfg.seed)
