@@ -74,6 +74,17 @@ def overlay_png(image: Image.Image, mask_png: bytes | None, max_side: int = 256)
     return buf.getvalue()
 
 
+def _svg_frame(
+    width: int, height: int, attrs: str, pad_l: int, pad_t: int, plot_w: int, plot_h: int
+) -> list[str]:
+    """The opening of an inline SVG chart: the element and its plot area's background."""
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'{attrs} role="img">',
+        f'<rect x="{pad_l}" y="{pad_t}" width="{plot_w}" height="{plot_h}" fill="#fafafa"/>',
+    ]
+
+
 def histogram_svg(
     scores: np.ndarray, threshold: float | None, bins: int = 30, width: int = 520, height: int = 180
 ) -> str:
@@ -96,11 +107,9 @@ def histogram_svg(
     def x_of(v: float) -> float:
         return pad_l + (v - lo) / (hi - lo) * plot_w
 
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'class="hist" role="img" aria-label="score histogram">',
-        f'<rect x="{pad_l}" y="{pad_t}" width="{plot_w}" height="{plot_h}" fill="#fafafa"/>',
-    ]
+    parts = _svg_frame(
+        width, height, 'class="hist" aria-label="score histogram"', pad_l, pad_t, plot_w, plot_h
+    )
     for i, c in enumerate(counts):
         h = c / top * plot_h
         parts.append(
@@ -153,11 +162,7 @@ def trend_svg(
     def y_of(v: float) -> float:
         return pad_t + (hi - v) / (hi - lo) * plot_h
 
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'class="trend-chart" role="img">',
-        f'<rect x="{pad_l}" y="{pad_t}" width="{plot_w}" height="{plot_h}" fill="#fafafa"/>',
-    ]
+    parts = _svg_frame(width, height, 'class="trend-chart"', pad_l, pad_t, plot_w, plot_h)
     if reference is not None:
         y = y_of(reference)
         parts.append(
