@@ -226,3 +226,20 @@ def test_wrn50_from_s3(
             FeatureExtractor(_paper_cfg(f"s3://{bucket}/models/nope.pt"), 64)
     finally:
         storage.clear_cache()
+
+
+def test_antialiased_taps_average_what_a_plain_resize_samples() -> None:
+    """At a 3x shrink (stride-4 tap of a 384-pixel input to 32 x 32), the antialiased resize is
+    close to the 3 x 3 area mean of the tap; the plain bilinear one picks single positions."""
+    x = _chelsea(384)
+    tap = FeatureExtractor(BackboneConfig(taps=("blocks.1",)), feature_size=96)(x)
+    area = F.avg_pool2d(tap, 3)
+    plain = FeatureExtractor(BackboneConfig(taps=("blocks.1",)), feature_size=32)(x)
+    smooth = FeatureExtractor(BackboneConfig(taps=("blocks.1",), antialias=True), 32)(x)
+    assert plain.shape == smooth.shape == area.shape == (1, 24, 32, 32)
+    err_plain = (plain - area).abs().mean().item()
+    err_smooth = (smooth - area).abs().mean().item()
+    assert err_smooth < 0.5 * err_plain, (err_smooth, err_plain)
+    # an input already at the feature size is passed through untouched either way
+    same = FeatureExtractor(BackboneConfig(taps=("blocks.1",), antialias=True), 96)(x)
+    torch.testing.assert_close(same, tap)

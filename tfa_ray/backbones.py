@@ -327,12 +327,16 @@ class FeatureExtractor(nn.Module):
         x = (x.to(self.mean.dtype) - self.mean) / self.std
         size = (self.feature_size, self.feature_size)
         feats = [
-            f
-            if tuple(f.shape[-2:]) == size
-            else F.interpolate(f, size=size, mode="bilinear", align_corners=False)  # Eq. 1
+            f if tuple(f.shape[-2:]) == size else _resize(f, size, self.cfg.antialias)  # Eq. 1
             for f in self._collect(x)
         ]
         return torch.cat(feats, dim=1).float()  # Eq. 2
+
+
+def _resize(f: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
+    if antialias:  # in float32: not every device has an antialiased kernel for half types
+        return F.interpolate(f.float(), size=size, mode="bilinear", antialias=True)
+    return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
 
 
 def _unknown_tap_message(tap: str, model_name: str, modules: Mapping[str, nn.Module]) -> str:
