@@ -38,6 +38,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "no residual Gaussian (the features' Gaussian only)",
         {"model__residual_gaussian": False},
     ),
+    "px256": (
+        "256-pixel inputs, plain bilinear taps (the previous cpu-small input)",
+        {
+            "model__image_size": 256,
+            "model__backbone": dataclasses.replace(
+                get_preset("cpu-small").model.backbone, antialias=False
+            ),
+        },
+    ),
     "T1": ("one template (the paper's) instead of a bank of 8", {"model__num_templates": 1}),
     "no-noise": ("no noisy bottleneck (input dropout 0)", {"model__input_dropout": 0.0}),
     "dual": ("complementary (dual) masks in training", {"model__mask_mode": "dual"}),
