@@ -334,9 +334,9 @@ class FeatureExtractor(nn.Module):
 
 
 def _resize(f: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
-    if antialias:  # in float32: not every device has an antialiased kernel for half types
-        return F.interpolate(f.float(), size=size, mode="bilinear", antialias=True)
-    return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+    # antialiased in float32: not every device has an antialiased kernel for half types
+    x = f.float() if antialias else f
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def _unknown_tap_message(tap: str, model_name: str, modules: Mapping[str, nn.Module]) -> str:

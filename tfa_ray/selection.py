@@ -205,7 +205,7 @@ def select_inference(
     masks, bs = prep.val.masks, tcfg.batch_size
     norms = detector.map_norms()
     # the residual Gaussian is refitted for each test-time masking (P passes: P forwards per
-    # image), on a seeded subset of the training split that keeps that affordable
+    # image), on the training split (a seeded subset of it beyond RESIDUAL_FIT_IMAGES)
     g = torch.Generator().manual_seed(tcfg.seed)
     n_fit = min(len(prep.train_phi), RESIDUAL_FIT_IMAGES)
     residual_phi = prep.train_phi[torch.randperm(len(prep.train_phi), generator=g)[:n_fit]]
