@@ -38,8 +38,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "no residual Gaussian (the features' Gaussian only)",
         {"model__residual_gaussian": False},
     ),
+    "raw": (
+        "no per-image normalisation (the previous cpu-small input)",
+        {
+            "model__backbone": dataclasses.replace(
+                get_preset("cpu-small").model.backbone, per_image_norm=False
+            )
+        },
+    ),
     "px256": (
-        "256-pixel inputs, plain bilinear taps (the previous cpu-small input)",
+        "256-pixel inputs, plain bilinear taps (the cpu-small input before 384 px)",
         {
             "model__image_size": 256,
             "model__backbone": dataclasses.replace(
@@ -60,8 +68,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "the previous cpu-small: taps 1/2/4 @ 64, K=8, one template, no noise, no Gaussian",
         {
             "model__backbone": dataclasses.replace(
-                get_preset("cpu-small").model.backbone, taps=("blocks.1", "blocks.2", "blocks.4")
+                get_preset("cpu-small").model.backbone,
+                taps=("blocks.1", "blocks.2", "blocks.4"),
+                antialias=False,
+                per_image_norm=False,
             ),
+            "model__image_size": 256,
             "model__feature_size": 64,
             "model__patch_size": 8,
             "model__num_templates": 1,
@@ -132,6 +144,10 @@ def pass_label(passes: int, layout: str) -> str:
     return f"b{passes}" if passes and layout == "blocks" else str(passes)
 
 
+# overrides that change the features, so the baselines are refitted for that variant
+FEATURE_FIELDS = {"model__backbone", "model__image_size", "model__feature_size"}
+
+
 def run_variant(name: str, data, args) -> list[dict]:
     desc, overrides = VARIANTS[name]
     overrides = dict(overrides)
@@ -162,7 +178,7 @@ def run_variant(name: str, data, args) -> list[dict]:
 
 def print_table(rows: list[dict], focus: str) -> None:
     head = (
-        f"{'variant':<22} {'train':>6} {'ep':>3} {'best':>4} {'evid.':>11} {'stat':>5} {'w':>4} "
+        f"{'variant':<28} {'train':>6} {'ep':>3} {'best':>4} {'evid.':>11} {'stat':>5} {'w':>4} "
         f"{'kind':>4} "
         f"{'pass':>4} {'val':>6} {'image':>6} {'pixel':>6} {'AUPRO':>6} "
         f"{focus[:6] + '-px':>9} {focus[:6] + '-pro':>10}  description"
@@ -173,7 +189,7 @@ def print_table(rows: list[dict], focus: str) -> None:
         train = f"{r['train_s'] / 60:.1f}m"
         fc = r.get("focus") or (r.get("per_defect") or {}).get(focus, {})
         print(
-            f"{r['variant']:<22} {train:>6} {r.get('epochs', ''):>3} {r.get('best_epoch', ''):>4} "
+            f"{r['variant']:<28} {train:>6} {r.get('epochs', ''):>3} {r.get('best_epoch', ''):>4} "
             f"{r.get('evidence', ''):>11} {r.get('statistics', '')[:5]:>5} {r.get('w_rec', ''):>4} "
             f"{r.get('score_kind', 'max'):>4} "
             f"{r.get('passes', ''):>4} {r.get('val', float('nan')):>6.3f} "
@@ -216,6 +232,9 @@ def main() -> None:
     if not args.no_baselines:
         rows += baseline_rows(data, get_preset("cpu-small"))
     for name in args.variants.split(","):
+        overrides = VARIANTS[name][1]
+        if not args.no_baselines and FEATURE_FIELDS & set(overrides):
+            rows += baseline_rows(data, get_preset("cpu-small", **overrides), suffix=f" ({name})")
         rows += run_variant(name, data, args)
         print_table(rows, args.focus)
         if args.json:

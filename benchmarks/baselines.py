@@ -54,9 +54,10 @@ def per_defect(types, labels, scores, masks, maps) -> dict[str, dict]:
 
 
 def baseline_rows(
-    data: CategoryData, preset: Preset, echo: Callable[[str], None] = print
+    data: CategoryData, preset: Preset, echo: Callable[[str], None] = print, suffix: str = ""
 ) -> list[dict]:
-    """Fit both baselines on the preset's features of its training split, evaluate both."""
+    """Fit both baselines on the preset's features of its training split, evaluate both
+    (``suffix`` is appended to the row names)."""
     cfg, tcfg = preset.model, preset.train
     t0 = time.perf_counter()
     torch.manual_seed(tcfg.seed)
@@ -102,7 +103,7 @@ def baseline_rows(
         scores = maps.reshape(len(maps), -1).max(axis=1)
         rows.append(
             {
-                "variant": name,
+                "variant": name + suffix,
                 "description": f"same features, {method.size}x{method.size} positions",
                 "train_s": fit_s,
                 "eval_s": time.perf_counter() - t1 - (fit_s - t_features),

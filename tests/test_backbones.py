@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,20 @@ def test_antialiased_taps_average_what_a_plain_resize_samples() -> None:
     # an input already at the feature size is passed through untouched either way
     same = FeatureExtractor(BackboneConfig(taps=("blocks.1",), antialias=True), 96)(x)
     torch.testing.assert_close(same, tap)
+
+
+def test_per_image_norm_removes_exposure_and_gain_only() -> None:
+    """The same scene shot darker and flatter (x -> 0.5 x + 0.1) gives the same features with
+    ``per_image_norm`` and different ones without; a local change still shows."""
+    x = _chelsea(128)
+    dim = 0.5 * x + 0.1
+    cfg = BackboneConfig(taps=("blocks.1", "blocks.2"))
+    plain = FeatureExtractor(cfg, 16)
+    normed = FeatureExtractor(dataclasses.replace(cfg, per_image_norm=True), 16)
+    scale = normed(x).abs().mean().item()
+    assert (normed(dim) - normed(x)).abs().mean().item() < 1e-3 * scale
+    assert (plain(dim) - plain(x)).abs().mean().item() > 0.1 * plain(x).abs().mean().item()
+    patched = x.clone()
+    patched[..., 32:64, 32:64] = 1 - patched[..., 32:64, 32:64]
+    diff = (normed(patched) - normed(x)).abs().mean(dim=1)[0]  # (16, 16)
+    assert diff[4:8, 4:8].mean() > 5 * diff[12:, 12:].mean()

@@ -324,7 +324,13 @@ class FeatureExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) RGB batch, got shape {tuple(x.shape)}")
-        x = (x.to(self.mean.dtype) - self.mean) / self.std
+        x = x.to(self.mean.dtype)
+        if self.cfg.per_image_norm:
+            flat = x.flatten(1)
+            mu = flat.mean(1).view(-1, 1, 1, 1)
+            sigma = flat.std(1).clamp_min(1e-3).view(-1, 1, 1, 1)
+            x = (x - mu) / sigma * self.std.mean() + self.mean.mean()
+        x = (x - self.mean) / self.std
         size = (self.feature_size, self.feature_size)
         feats = [
             f if tuple(f.shape[-2:]) == size else _resize(f, size, self.cfg.antialias)  # Eq. 1
