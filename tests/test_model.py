@@ -262,8 +262,11 @@ def test_bf16_precision_on_cpu_is_engaged_and_close_to_fp32(tiny_model_dir):
 
 def test_gpu_preset_is_the_paper_network_plus_the_kept_changes():
     paper, gpu = get_preset("paper").model, get_preset("gpu").model
-    same = ("backbone", "image_size", "feature_size", "patch_size", "tfam_depth", "tfam_dim")
+    same = ("image_size", "feature_size", "patch_size", "tfam_depth", "tfam_dim")
     same += ("tfam_heads", "fdrm_depth", "fdrm_dim", "fdrm_heads", "mask_ratio", "mask_mode")
     assert all(getattr(paper, f) == getattr(gpu, f) for f in same)
+    # the same backbone and taps; only the per-image normalisation in front of it is added
+    assert dataclasses.replace(gpu.backbone, per_image_norm=False) == paper.backbone
+    assert gpu.backbone.per_image_norm and not paper.backbone.per_image_norm
     assert (paper.num_templates, paper.gaussian_size, paper.input_dropout) == (1, 0, 0.0)
     assert gpu.num_templates > 1 and gpu.gaussian_size > 0 and gpu.input_dropout > 0
