@@ -31,6 +31,8 @@ from tfa_ray.metrics import evaluate
 from tfa_ray.package import save_model
 from tfa_ray.training import fit
 
+BACKBONE = get_preset("cpu-small").model.backbone
+
 # name -> (description, overrides on top of cpu-small)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "final": ("cpu-small as shipped", {}),
@@ -40,19 +42,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     ),
     "raw": (
         "no per-image normalisation (the previous cpu-small input)",
-        {
-            "model__backbone": dataclasses.replace(
-                get_preset("cpu-small").model.backbone, per_image_norm=False
-            )
-        },
+        {"model__backbone": dataclasses.replace(BACKBONE, per_image_norm=False)},
     ),
     "px256": (
         "256-pixel inputs, plain bilinear taps (the cpu-small input before 384 px)",
         {
             "model__image_size": 256,
-            "model__backbone": dataclasses.replace(
-                get_preset("cpu-small").model.backbone, antialias=False
-            ),
+            "model__backbone": dataclasses.replace(BACKBONE, antialias=False),
         },
     ),
     "T1": ("one template (the paper's) instead of a bank of 8", {"model__num_templates": 1}),
@@ -68,7 +64,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "the previous cpu-small: taps 1/2/4 @ 64, K=8, one template, no noise, no Gaussian",
         {
             "model__backbone": dataclasses.replace(
-                get_preset("cpu-small").model.backbone,
+                BACKBONE,
                 taps=("blocks.1", "blocks.2", "blocks.4"),
                 antialias=False,
                 per_image_norm=False,
