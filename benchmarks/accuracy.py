@@ -38,7 +38,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "final": ("cpu-small as shipped", {}),
     "no-resid": (
         "no residual Gaussian (the features' Gaussian only)",
-        {"model__residual_gaussian": False},
+        {"model__residual_gaussian": False, "anomaly__statistics": "gaussian"},
     ),
     "raw": (
         "no per-image normalisation (the previous cpu-small input)",
@@ -75,6 +75,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
             "model__num_templates": 1,
             "model__input_dropout": 0.0,
             "model__gaussian_size": 0,
+            "model__knn_memory": 0,
             "train__epochs": 60,
         },
     ),
@@ -96,34 +97,52 @@ def evidence_rows(result, data, base: dict, name: str, focus: str) -> list[dict]
     evidence = {k: torch.cat(v) for k, v in maps.items()}
     eval_s = time.perf_counter() - t0
     a = preset.anomaly
-    selected = (a.w_reconstruction, a.statistics)
-    options = {"selected": selected}
+    # label -> AnomalyConfig overrides; each evidence alone and without each of the others
+    options: dict[str, dict] = {"selected": {}}
     if "gaussian" in evidence:
-        options.update({"rec alone": (1.0, a.statistics), "gauss alone": (0.0, "gaussian")})
+        alone = dict(image_evidence="map", w_knn=0.0)
+        options["rec alone"] = dict(alone, w_reconstruction=1.0)
+        options["gauss alone"] = dict(alone, w_reconstruction=0.0, statistics="gaussian")
         if "residual" in evidence:
-            options["resid alone"] = (0.0, "residual")
+            options["resid alone"] = dict(alone, w_reconstruction=0.0, statistics="residual")
+        if "knn" in evidence:
+            options["knn alone"] = dict(alone, w_reconstruction=0.0)  # (the map, below)
+            options["no knn"] = dict(w_knn=0.0)
+            if 0 < a.w_reconstruction < 1:  # the other two, weighted as in the selected map
+                w_knn = a.w_knn / (1 - a.w_reconstruction)
+                options["no rec"] = dict(w_reconstruction=0.0, w_knn=w_knn)
+                # no TFA-Net at all: PaDiM's and PatchCore's maps fused the same way
+                no_tfa = dict(w_reconstruction=0.0, w_knn=w_knn, statistics="gaussian")
+                options["gauss+knn"] = no_tfa
         # the other fusions the selection set ranked: a diagnostic that reads test labels
         # (not a result; the selected row is the only one chosen without them)
         for stat in [k for k in ("gaussian", "residual") if k in evidence]:
             for tried in preset.train.try_fusion_weights:
                 if 0 < tried < 1:
-                    options[f"{stat[:5]} w={tried:g}"] = (tried, stat)
+                    options[f"{stat[:5]} w={tried:g}"] = dict(
+                        w_reconstruction=tried, statistics=stat
+                    )
     rows = []
-    for label, (weight, stat) in options.items():
-        if label != "selected" and (weight, stat) == selected:
+    for label, overrides in options.items():
+        cfg = dataclasses.replace(a, **overrides)
+        if label != "selected" and cfg == a:
             continue  # that is the selected row
-        cfg = dataclasses.replace(a, w_reconstruction=weight, statistics=stat)
-        fused = det.fuse(evidence, cfg)
-        scores = image_score(fused, cfg).numpy()
-        fused = fused.numpy()
+        if label == "knn alone":
+            fused = det.map_norms()["knn"](evidence["knn"])
+            scores = image_score(fused, cfg)
+        else:
+            fused, scores = det.decide(evidence, cfg)
+        scores, fused = scores.numpy(), fused.numpy()
         defects = per_defect(types, labels, scores, masks, fused)
         rows.append(
             {
                 **base,
                 "variant": name if label == "selected" else f"  {name}",
                 "evidence": label,
-                "w_rec": weight,
-                "statistics": stat,
+                "w_rec": cfg.w_reconstruction,
+                "w_knn": cfg.w_knn if "knn" in evidence else 0.0,
+                "statistics": cfg.statistics,
+                "image_evidence": cfg.image_evidence,
                 "score_kind": cfg.score,
                 "passes": pass_label(preset.model.test_mask_passes, preset.model.test_mask_layout),
                 "eval_s": eval_s,
@@ -175,7 +194,7 @@ def run_variant(name: str, data, args) -> list[dict]:
 def print_table(rows: list[dict], focus: str) -> None:
     head = (
         f"{'variant':<28} {'train':>6} {'ep':>3} {'best':>4} {'evid.':>11} {'stat':>5} {'w':>4} "
-        f"{'kind':>4} "
+        f"{'knn':>4} {'img':>4} {'kind':>4} "
         f"{'pass':>4} {'val':>6} {'image':>6} {'pixel':>6} {'AUPRO':>6} "
         f"{focus[:6] + '-px':>9} {focus[:6] + '-pro':>10}  description"
     )
@@ -187,6 +206,7 @@ def print_table(rows: list[dict], focus: str) -> None:
         print(
             f"{r['variant']:<28} {train:>6} {r.get('epochs', ''):>3} {r.get('best_epoch', ''):>4} "
             f"{r.get('evidence', ''):>11} {r.get('statistics', '')[:5]:>5} {r.get('w_rec', ''):>4} "
+            f"{r.get('w_knn', ''):>4} {r.get('image_evidence', '')[:4]:>4} "
             f"{r.get('score_kind', 'max'):>4} "
             f"{r.get('passes', ''):>4} {r.get('val', float('nan')):>6.3f} "
             f"{r['image_auroc']:>6.3f} {r['pixel_auroc']:>6.3f} {r['aupro']:>6.3f} "

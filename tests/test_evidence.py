@@ -57,6 +57,20 @@ def test_knn_distance_is_zero_on_the_bank_and_grows_away_from_it():
     assert (knn(phi[:2] + 10.0) > 5.0).all()
 
 
+def test_knn_memory_samples_batch_by_batch_and_keeps_its_size():
+    torch.manual_seed(0)
+    phi = torch.randn(50, 4, 4, 4)  # 800 patches
+    patches = phi.flatten(2).transpose(1, 2).reshape(-1, 4)
+    batches = (phi[i : i + 10] for i in range(0, 50, 10))
+    knn = KNNEvidence(4, 4, memory=64, local=1).fit(batches, candidates=200, total=800)
+    assert knn.bank.shape == (64, 4)
+    assert (knn.bank[:, None] == patches[None]).all(dim=2).any(dim=1).all()  # real patches only
+    assert len(torch.unique(knn.bank, dim=0)) == 64
+    # fewer patches than the memory holds: all of them, repeated up to the buffer's size
+    few = KNNEvidence(4, 2, memory=64, local=1).fit([torch.randn(2, 4, 2, 2)])
+    assert few.bank.shape == (64, 4) and len(torch.unique(few.bank, dim=0)) == 8
+
+
 def test_greedy_coreset_picks_the_farthest_points_first():
     x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [10.0, 0.0], [0.0, 5.0], [0.05, 0.05]])
     assert greedy_coreset(x, 3, start=0).tolist() == [0, 2, 3]
@@ -81,6 +95,41 @@ def test_fusion_weights_each_normalised_map():
     assert torch.allclose(only_gauss, torch.zeros(1, 2, 2))
     plain = Detector(get_preset("test-tiny").model)  # no Gaussian: the paper's map, unscaled
     assert plain.fuse({"reconstruction": maps["reconstruction"]}, a) is maps["reconstruction"]
+
+
+def test_knn_map_weighs_in_and_the_image_score_can_come_from_the_statistics_alone():
+    cfg = dataclasses.replace(
+        get_preset("test-tiny").model, gaussian_size=4, gaussian_channels=8, knn_memory=16
+    )
+    det = Detector(cfg)
+    for norm, normal in zip(
+        (det.reconstruction_norm, det.gaussian_norm, det.knn_norm),
+        ([0.0, 1.0, 2.0], [10.0, 20.0, 30.0], [0.0, 4.0, 8.0]),
+        strict=True,
+    ):
+        norm.fit(torch.tensor(normal))
+    spike = torch.zeros(1, 4, 4)
+    spike[0, 1, 2] = 5.0
+    maps = {
+        "reconstruction": spike + 1.0,  # a local peak
+        "gaussian": torch.full((1, 4, 4), 25.0),  # high everywhere, flat
+        "knn": spike * 2 + 4.0,
+    }
+    normed = {k: det.map_norms()[k](m) for k, m in maps.items()}
+    thirds = AnomalyConfig(w_reconstruction=0.5, w_knn=0.5)
+    assert det.fused_kinds(thirds) == ("reconstruction", "gaussian", "knn")
+    fused, scores = det.decide(maps, thirds)
+    assert torch.allclose(fused, sum(normed.values()) / 3)
+    assert torch.allclose(scores, fused.flatten(1).std(dim=1))
+    # the verdict from the Gaussian alone: flat, so no spread, though the map has a peak
+    by_stats = dataclasses.replace(thirds, image_evidence="statistics")
+    fused_s, scores_s = det.decide(maps, by_stats)
+    assert torch.equal(fused_s, fused) and scores_s.abs().max() < 1e-6 < scores.min()
+    by_max = dataclasses.replace(by_stats, score="max")
+    assert torch.allclose(det.decide(maps, by_max)[1], normed["gaussian"].amax(dim=(1, 2)))
+    # w_rec 1 with the image score from the statistics still reads the statistical map
+    rec_only = dataclasses.replace(by_stats, w_reconstruction=1.0, w_knn=0.0)
+    assert det.fused_kinds(rec_only) == ("reconstruction", "gaussian")
 
 
 def test_residual_gaussian_ignores_what_the_reconstruction_explains():

@@ -48,6 +48,9 @@ def trained(synth_root):
         model__residual_gaussian=True,
         train__try_fusion_weights=(0.0, 0.5),
         train__try_statistics=("gaussian", "residual"),
+        model__knn_memory=64,
+        anomaly__w_knn=0.5,
+        train__try_image_evidence=("statistics",),
     )
     from tfa_ray.training import fit
 
@@ -96,9 +99,11 @@ def test_fit_trains_selects_on_normal_images_and_calibrates(trained):
     assert result.preset.model.test_mask_layout in ("lattice", "blocks")
     assert result.preset.anomaly.w_reconstruction in (0.0, 0.5, 1.0)
     assert result.preset.anomaly.statistics in ("gaussian", "residual")
-    # every (test passes, statistics, fusion weight) was tried on the selection split (the
-    # reconstruction alone once), the best kept
-    assert len(result.selection) == 3 * (3 + 2) and max(result.selection.values()) == best_inference
+    assert result.preset.anomaly.image_evidence in ("map", "statistics")
+    # every (test passes, statistics, fusion weight, image evidence) was tried on the selection
+    # split (the reconstruction alone, scored from its own map, once), the best kept
+    tried = 3 * (2 * 3 * 2 - 1)
+    assert len(result.selection) == tried and max(result.selection.values()) == best_inference
     assert result.detector.cfg == result.preset.model
     assert result.num_val >= 1 and result.num_calib >= 1
     assert result.num_train + result.num_val + result.num_calib == len(data.train)
@@ -117,9 +122,11 @@ def test_package_round_trip_gives_identical_scores(trained, tmp_path):
     images = torch.rand(2, 3, 64, 64)
     result.detector.eval()
     with torch.no_grad():
-        expected = result.detector.anomaly_maps(images, result.preset.anomaly)
+        expected, expected_scores = result.detector.detect(images, result.preset.anomaly)
     maps, scores = model.predict(images)
     assert torch.allclose(maps, expected, atol=1e-5)
+    assert torch.allclose(scores, expected_scores, atol=1e-5)
+    assert torch.equal(model.detector.knn.bank, result.detector.knn.bank)
     # the residual Gaussian fitted in selection travels with the package, whichever was chosen
     residual = dataclasses.replace(result.preset.anomaly, statistics="residual", w_reconstruction=0)
     with torch.no_grad():

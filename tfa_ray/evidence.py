@@ -128,19 +128,32 @@ class KNNEvidence(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, P, C)
 
     @torch.no_grad()
-    def fit(self, batches, candidates: int = 100_000, seed: int = 0) -> KNNEvidence:
+    def fit(self, batches, candidates: int = 100_000, seed: int = 0, total: int = 0) -> KNNEvidence:
         """Coreset of the normal patches: a seeded random sample of at most ``candidates``
-        patches, thinned by greedy k-center to the bank size."""
-        patches = torch.cat([self._patches(phi).reshape(-1, self.bank.shape[1]) for phi in batches])
+        patches, thinned by greedy k-center to the bank size. With ``total`` (the number of
+        patches the batches hold) the sample is drawn batch by batch, so the whole set never
+        sits in memory. Fewer patches than the bank holds: some repeat (the distance to the
+        nearest one is unchanged, the buffer keeps its size for loading)."""
         g = torch.Generator().manual_seed(seed)
+        c = self.bank.shape[1]
+        kept = []
+        for phi in batches:
+            x = self._patches(phi).reshape(-1, c)
+            if total > candidates:
+                x = x[(torch.rand(len(x), generator=g) < candidates / total).to(x.device)]
+            kept.append(x)
+        patches = torch.cat(kept)
         if len(patches) > candidates:
-            patches = patches[torch.randperm(len(patches), generator=g)[:candidates]]
-        self.bank = patches[greedy_coreset(patches, self.bank.shape[0], seed)].clone()
+            keep = torch.randperm(len(patches), generator=g)[:candidates]
+            patches = patches[keep.to(patches.device)]
+        chosen = greedy_coreset(patches, self.bank.shape[0], seed)
+        chosen = chosen.repeat(-(-self.bank.shape[0] // len(chosen)))[: self.bank.shape[0]]
+        self.bank = patches[chosen.to(patches.device)].to(self.bank.device).clone()
         return self
 
     def forward(self, phi: torch.Tensor) -> torch.Tensor:
         x = self._patches(phi)
-        d = torch.cdist(x, self.bank[None].expand(len(x), -1, -1)).amin(dim=2)
+        d = torch.cdist(x.reshape(-1, x.shape[-1]), self.bank).amin(dim=1)
         return d.reshape(-1, self.size, self.size)
 
 

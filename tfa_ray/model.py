@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tfa_ray.anomaly import anomaly_map, to_image
+from tfa_ray.anomaly import anomaly_map, image_score, to_image
 from tfa_ray.backbones import FeatureExtractor
 from tfa_ray.config import AnomalyConfig, ModelConfig
-from tfa_ray.evidence import GaussianEvidence, MapNorm
+from tfa_ray.evidence import GaussianEvidence, KNNEvidence, MapNorm
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
@@ -261,9 +261,15 @@ class Detector(nn.Module):
             if cfg.gaussian_size and cfg.residual_gaussian
             else None
         )
+        self.knn = (
+            KNNEvidence(channels, cfg.gaussian_size or cfg.feature_size, cfg.knn_memory)
+            if cfg.knn_memory
+            else None
+        )
         self.reconstruction_norm = MapNorm()
         self.gaussian_norm = MapNorm()
         self.residual_norm = MapNorm()
+        self.knn_norm = MapNorm()
         self._e_templates: torch.Tensor | None = None
         if templates is not None:
             self.set_templates(templates)
@@ -355,9 +361,10 @@ class Detector(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Raw image-size maps of each kind of evidence (all the model has, or ``kinds``): Eq. 8
         on the reconstruction, and (with ``statistics``) the Mahalanobis distances of the
-        features (``gaussian``) and of the residual phi - phi_hat (``residual``)."""
+        features (``gaussian``) and of the residual phi - phi_hat (``residual``), and the
+        distance of each feature patch to its nearest normal one (``knn``)."""
         S = self.cfg.image_size
-        want = kinds or ("reconstruction", "gaussian", "residual")
+        want = kinds or ("reconstruction", "gaussian", "residual", "knn")
         if phi_hat is None and ("reconstruction" in want or "residual" in want):
             phi_hat = self.reconstruct(phi)
         maps = {}
@@ -370,18 +377,24 @@ class Detector(nn.Module):
                 maps["gaussian"] = to_image(self.gaussian(phi), S, cfg)
             if statistics and self.residual_gaussian is not None and "residual" in want:
                 maps["residual"] = to_image(self.residual_gaussian(phi - phi_hat), S, cfg)
+            if statistics and self.knn is not None and "knn" in want:
+                maps["knn"] = to_image(self.knn(phi), S, cfg)
         return maps
 
     def fused_kinds(self, cfg: AnomalyConfig) -> tuple[str, ...]:
-        """The evidence ``fuse`` reads under ``cfg``."""
+        """The evidence ``decide`` reads under ``cfg``."""
         if self.gaussian is None:
             return ("reconstruction",)
         w = cfg.w_reconstruction
-        return (("reconstruction",) if w > 0 else ()) + ((cfg.statistics,) if w < 1 else ())
+        kinds = (("reconstruction",) if w > 0 else ()) + ((cfg.statistics,) if w < 1 else ())
+        if cfg.image_evidence == "statistics" and cfg.statistics not in kinds:
+            kinds += (cfg.statistics,)
+        return kinds + (("knn",) if self.knn is not None and cfg.w_knn > 0 else ())
 
     def fuse(self, maps: dict[str, torch.Tensor], cfg: AnomalyConfig) -> torch.Tensor:
-        """The paper's map alone, or w * rec + (1 - w) * stat after putting each on the scale
-        of held-out normal pixels (``w = cfg.w_reconstruction``, ``stat = cfg.statistics``)."""
+        """The paper's map alone, or the weighted mean of the maps after putting each on the
+        scale of held-out normal pixels: w * rec + (1 - w) * stat (+ w_knn * knn) over
+        1 (+ w_knn), with ``w = cfg.w_reconstruction``, ``stat = cfg.statistics``."""
         if self.gaussian is None:
             return maps["reconstruction"]
         w, stat = cfg.w_reconstruction, cfg.statistics
@@ -391,11 +404,26 @@ class Detector(nn.Module):
         ):
             raise ValueError(f"this model has no {stat!r} statistics to fuse")
         if w >= 1:
-            return norms["reconstruction"](maps["reconstruction"])
-        out = norms[stat](maps[stat]) * (1.0 - w)
-        if w > 0:
-            out = out + norms["reconstruction"](maps["reconstruction"]) * w
+            out = norms["reconstruction"](maps["reconstruction"])
+        else:
+            out = norms[stat](maps[stat]) * (1.0 - w)
+            if w > 0:
+                out = out + norms["reconstruction"](maps["reconstruction"]) * w
+        if self.knn is not None and cfg.w_knn > 0:
+            out = (out + norms["knn"](maps["knn"]) * cfg.w_knn) / (1.0 + cfg.w_knn)
         return out
+
+    def decide(
+        self, maps: dict[str, torch.Tensor], cfg: AnomalyConfig
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused map and each image's score, taken from that map or (``cfg.image_evidence
+        = "statistics"``) from the normalised statistical map alone."""
+        fused = self.fuse(maps, cfg)
+        if cfg.image_evidence == "map" or self.gaussian is None:
+            return fused, image_score(fused, cfg)
+        if cfg.image_evidence != "statistics":
+            raise ValueError(f"unknown image evidence {cfg.image_evidence!r}")
+        return fused, image_score(self.map_norms()[cfg.statistics](maps[cfg.statistics]), cfg)
 
     def map_norms(self) -> dict[str, MapNorm]:
         """Each kind of evidence's normal-pixel scale (fitted in selection, used by ``fuse``)."""
@@ -403,6 +431,7 @@ class Detector(nn.Module):
             "reconstruction": self.reconstruction_norm,
             "gaussian": self.gaussian_norm,
             "residual": self.residual_norm,
+            "knn": self.knn_norm,
         }
 
     @torch.no_grad()
@@ -419,8 +448,12 @@ class Detector(nn.Module):
 
     def anomaly_maps(self, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
         """(B, 3, S, S) images in [0, 1] -> (B, S, S) anomaly maps."""
+        return self.detect(images, cfg)[0]
+
+    def detect(self, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) images in [0, 1] -> (B, S, S) anomaly maps and (B,) image scores."""
         phi = self.features(images)
-        return self.fuse(self.evidence(phi, cfg, kinds=self.fused_kinds(cfg)), cfg)
+        return self.decide(self.evidence(phi, cfg, kinds=self.fused_kinds(cfg)), cfg)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -26,7 +26,6 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from tfa_ray import storage
-from tfa_ray.anomaly import image_score
 from tfa_ray.calibration import Calibration
 from tfa_ray.config import PRECISIONS, Preset, preset_from_json, preset_to_json
 from tfa_ray.model import Detector
@@ -113,8 +112,7 @@ class TFAModel:
             self.detector.eval()
         device = self.detector.template.device
         with autocast(self.precision, device):
-            maps = self.detector.anomaly_maps(images.to(device), self.preset.anomaly)
-        return maps, image_score(maps, self.preset.anomaly)
+            return self.detector.detect(images.to(device), self.preset.anomaly)
 
 
 def template_png(detector: Detector) -> bytes:

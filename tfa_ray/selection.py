@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -164,13 +165,18 @@ def best_image_score(
 
 
 def selection_score(
-    normal_maps: torch.Tensor, anomalous_maps: torch.Tensor, masks: torch.Tensor, cfg: AnomalyConfig
+    normal_maps: torch.Tensor,
+    anomalous_maps: torch.Tensor,
+    masks: torch.Tensor,
+    cfg: AnomalyConfig,
+    image_maps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[float, dict]:
-    """Mean of image AUROC and AUPRO on held-out normals vs. their synthetic-anomaly copies.
+    """Mean of image AUROC and AUPRO on held-out normals vs. their synthetic-anomaly copies;
+    image scores from ``image_maps`` (normal, anomalous) where they are not the maps.
 
     Pixel maps are average-pooled 4x (masks max-pooled) to keep this cheap every epoch.
     """
-    kind, img = best_image_score(normal_maps, anomalous_maps, cfg)
+    kind, img = best_image_score(*(image_maps or (normal_maps, anomalous_maps)), cfg)
     pool = torch.nn.functional.avg_pool2d
     maps = pool(torch.cat([normal_maps, anomalous_maps])[:, None], 4)[:, 0].numpy()
     gt = torch.cat([torch.zeros_like(normal_maps, dtype=torch.bool), masks])
@@ -188,20 +194,22 @@ def select_inference(
     state: TrainState, prep: Prepared, preset: Preset, device: torch.device, category: str, echo
 ) -> tuple[Preset, float, dict]:
     """On the selection split only: test-time masking, the statistical map and its fusion
-    weight, and the image score kind of the best epoch's weights. Fits the residual Gaussian
-    on the training split and each map's normal scale on the selection normals, for each
-    test-time masking tried. Returns the resolved preset, its selection score and every
-    variant's score."""
+    weight, what the image score is taken from and its kind, for the best epoch's weights.
+    Fits the residual Gaussian on the training split and each map's normal scale on the
+    selection normals, for each test-time masking tried. Returns the resolved preset, its
+    selection score and every variant's score."""
     detector, tcfg = state.detector, preset.train
     trials = [(preset.model.test_mask_passes, preset.model.test_mask_layout)]
     trials += [(p, "lattice") for p in tcfg.try_test_mask_passes]
     trials += [(p, "blocks") for p in tcfg.try_test_mask_blocks]
     weights = tuple(dict.fromkeys((preset.anomaly.w_reconstruction, *tcfg.try_fusion_weights)))
     stats = tuple(dict.fromkeys((preset.anomaly.statistics, *tcfg.try_statistics)))
+    sources = tuple(dict.fromkeys((preset.anomaly.image_evidence, *tcfg.try_image_evidence)))
     if detector.residual_gaussian is None:
         stats = tuple(s for s in stats if s != "residual")
     if detector.gaussian is None:
         weights, stats = (preset.anomaly.w_reconstruction,), (preset.anomaly.statistics,)
+        sources = ("map",)
     masks, bs = prep.val.masks, tcfg.batch_size
     norms = detector.map_norms()
     # the residual Gaussian is refitted for each test-time masking (P passes: P forwards per
@@ -229,25 +237,26 @@ def select_inference(
         normal, _ = predict_evidence(detector, prep.val_normal_phi, preset, device, bs)
         anomalous, _ = predict_evidence(detector, prep.val_anomalous_phi, preset, device, bs)
         fitted.update({kind: norms[kind].fit(m).state_dict() for kind, m in normal.items()})
-        for stat in stats:
-            for w in weights:
-                if w >= 1 and stat != stats[0]:
-                    continue  # the reconstruction alone: already tried
-                anomaly_cfg = dataclasses.replace(
-                    preset.anomaly, w_reconstruction=w, statistics=stat
-                )
-                sel, parts = selection_score(
-                    detector.fuse(normal, anomaly_cfg),
-                    detector.fuse(anomalous, anomaly_cfg),
-                    masks,
-                    anomaly_cfg,
-                )
-                anomaly_cfg = dataclasses.replace(anomaly_cfg, score=parts["score_kind"])
-                label = f"passes={passes}/{layout} {stat} w_rec={w:g} score={parts['score_kind']}"
-                tried[label] = sel
-                echo(f"[{category}] selection {sel:.4f} with {label}")
-                if best is None or sel > best[0]:
-                    best = (sel, model_cfg, anomaly_cfg, copy.deepcopy(fitted))
+        for stat, w, source in itertools.product(stats, weights, sources):
+            if w >= 1 and stat != stats[0] and source == "map":
+                continue  # the reconstruction alone: already tried
+            anomaly_cfg = dataclasses.replace(
+                preset.anomaly, w_reconstruction=w, statistics=stat, image_evidence=source
+            )
+            fused = [detector.fuse(m, anomaly_cfg) for m in (normal, anomalous)]
+            image_maps = None
+            if source == "statistics":
+                image_maps = tuple(norms[stat](m[stat]) for m in (normal, anomalous))
+            sel, parts = selection_score(*fused, masks, anomaly_cfg, image_maps)
+            anomaly_cfg = dataclasses.replace(anomaly_cfg, score=parts["score_kind"])
+            label = (
+                f"passes={passes}/{layout} {stat} w_rec={w:g} image={source} "
+                f"score={parts['score_kind']}"
+            )
+            tried[label] = sel
+            echo(f"[{category}] selection {sel:.4f} with {label}")
+            if best is None or sel > best[0]:
+                best = (sel, model_cfg, anomaly_cfg, copy.deepcopy(fitted))
     sel, model_cfg, anomaly_cfg, fitted = best
     detector.cfg = model_cfg
     for kind, fitted_state in fitted.items():
@@ -263,6 +272,5 @@ def calibrate_model(
     none), through the same fused maps and at the same precision scoring uses."""
     phi = prep.calib_phi if len(prep.calib_phi) else prep.val_normal_phi
     maps, _ = predict_evidence(detector, phi, preset, device, preset.train.batch_size)
-    fused = detector.fuse(maps, preset.anomaly)
-    scores = image_score(fused, preset.anomaly)
+    fused, scores = detector.decide(maps, preset.anomaly)
     return calibrate(scores.numpy(), fused.numpy(), preset.train.target_fpr)

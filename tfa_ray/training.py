@@ -271,6 +271,14 @@ def prepare(
         echo(f"[{data.category}] template bank: {', '.join(p.rsplit('/', 1)[-1] for p in bank)}")
     if detector.gaussian is not None:
         detector.gaussian.fit(train_phi[i : i + 32] for i in range(0, len(train_phi), 32))
+    if detector.knn is not None:
+        t_knn = time.perf_counter()
+        detector.knn.fit(
+            (train_phi[i : i + 32] for i in range(0, len(train_phi), 32)),
+            seed=tcfg.seed,
+            total=len(train_phi) * detector.knn.size**2,
+        )
+        echo(f"[{data.category}] kNN memory fitted in {time.perf_counter() - t_knn:.0f}s")
     corrupt_phi = None
     if tcfg.denoise_fraction > 0:
         corrupt_phi = compute_features(detector, corrupted_copies(train_images, tcfg.seed), device)
@@ -480,7 +488,8 @@ def fit(
     echo(
         f"[{data.category}] best epoch {state.best_epoch}; inference selected {sel:.4f}: "
         f"test passes {preset.model.test_mask_passes} ({preset.model.test_mask_layout}), "
-        f"w_rec {preset.anomaly.w_reconstruction:g}, score {preset.anomaly.score}; threshold "
+        f"w_rec {preset.anomaly.w_reconstruction:g}, score {preset.anomaly.score} of the "
+        f"{preset.anomaly.image_evidence}; threshold "
         f"{calibration.threshold:.5g} at FPR {tcfg.target_fpr:g} from {calibration.num_images} "
         f"calibration images; {wall:.0f}s"
     )
