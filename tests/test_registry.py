@@ -7,6 +7,7 @@ detector (random backbone weights), so no test here trains anything.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import subprocess
@@ -124,7 +125,8 @@ def test_log_register_resolve_promote(tracking, tmp_path):
         registry.promote("bottle", version=9)
     champion_dir = registry.resolve_model("bottle")[2]
     assert registry.resolve_uri("models:/tfa-bottle@champion") == champion_dir
-    assert registry.resolve_uri("models:/tfa-bottle/3").endswith(os.path.join("3", "package"))
+    v3_dir = registry.resolve_uri("models:/tfa-bottle/3")
+    assert v3_dir.endswith(os.path.join(f"3-{v3.run_id}", "package"))
     assert registry.resolve_uri("/some/dir") == "/some/dir"
 
     _log(tmp_path, "tile", 0.6)
@@ -144,6 +146,26 @@ def test_log_register_resolve_promote(tracking, tmp_path):
     c = registry.client()
     hist = c.get_metric_history(v1.run_id, "val_loss")
     assert [(m.step, m.value) for m in hist] == [(1, 2.5), (2, 2.0)]
+
+
+def test_a_recreated_registry_never_serves_the_old_cached_package(tmp_path, monkeypatch):
+    """Same tracking URI, same name, same version number, different model (a rerun demo
+    whose registry was deleted and made again): the cache must not hand back the files an
+    earlier registry's version 1 left there."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("TFA_RAY_MODEL_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
+    tiny_package(str(cache / digest / "tfa-cache" / "1" / "package"), threshold=0.5)  # earlier
+    pkg = tiny_package(str(tmp_path / "pkg"), threshold=0.7)
+    v = log_training(pkg, "cache", params={}, history=[], metrics={}, summary={})
+    registry.promote("cache", version=v.version)
+    name, version, path = registry.resolve_model("cache")
+    assert (name, version) == ("tfa-cache", 1)
+    assert load_model(path).calibration.threshold == 0.7
+    assert load_model(registry.resolve_uri("models:/tfa-cache/1")).calibration.threshold == 0.7
 
 
 def _png(arr: np.ndarray) -> bytes:

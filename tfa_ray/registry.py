@@ -229,22 +229,32 @@ def _package_subpath(model_dir: str) -> str:
     return art.get("path", f"artifacts/{PACKAGE_ARTIFACT}")
 
 
-def download_version(name: str, version: int, uri: str | None = None) -> str:
+def version_ident(mv) -> str:
+    """What tells a model version apart from any other that had its name and number: the run
+    it was logged from (or, registered without one, its creation time)."""
+    return str(mv.run_id or mv.creation_timestamp or "")
+
+
+def download_version(name: str, version: int, uri: str | None = None, ident: str = "") -> str:
     """The local package directory of ``name`` version ``version``, downloading it once.
 
-    Cached in memory and on disk under :func:`cache_root` per (tracking URI, name, version):
-    a registered version's files never change, so a cached copy is always valid. The download
-    lands in a temporary directory renamed into place, so readers never see half a package."""
+    Cached in memory and on disk under :func:`cache_root` per (tracking URI, name, version,
+    ``ident``): a registered version's files never change, so a cached copy is valid as long
+    as it is the same version. ``ident`` (:func:`version_ident`) tells it from an earlier
+    version of the same name and number in a registry recreated at the same URI (a rerun
+    demo), whose cached files would otherwise be served. The download lands in a temporary
+    directory renamed into place, so readers never see half a package."""
     import mlflow
 
     uri = tracking_uri(uri)
-    key = (uri, name, int(version))
+    key = (uri, name, int(version), ident)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
     if hit and _complete(hit):
         return hit
     digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
-    target = os.path.join(cache_root(), digest, name, str(int(version)))
+    leaf = f"{int(version)}-{ident}" if ident else str(int(version))
+    target = os.path.join(cache_root(), digest, name, leaf)
     pkg = os.path.join(target, "package")
     if not _complete(pkg):
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -293,14 +303,17 @@ def resolve_model(
     c = client(uri)
     name = model_name(category, prefix)
 
-    def look_up() -> int:
+    def look_up():
         if version is None:
-            return int(_version_for_alias(c, name, alias).version)
-        return int(_get_version(c, name, int(version)).version)
+            return _version_for_alias(c, name, alias)
+        return _get_version(c, name, int(version))
 
-    found = call_with_retries(look_up, policy, f"registry look-up of {name}")
+    mv = call_with_retries(look_up, policy, f"registry look-up of {name}")
+    found = int(mv.version)
     pkg = call_with_retries(
-        lambda: download_version(name, found, uri), policy, f"download of {name} v{found}"
+        lambda: download_version(name, found, uri, version_ident(mv)),
+        policy,
+        f"download of {name} v{found}",
     )
     return name, found, pkg
 
@@ -319,10 +332,10 @@ def resolve_uri(model_uri: str, uri: str | None = None) -> str:
     name = m["name"]
     c = client(uri)
     if m["alias"]:
-        version = int(_version_for_alias(c, name, m["alias"]).version)
+        mv = _version_for_alias(c, name, m["alias"])
     else:
-        version = int(_get_version(c, name, int(m["version"])).version)
-    return download_version(name, version, uri)
+        mv = _get_version(c, name, int(m["version"]))
+    return download_version(name, int(mv.version), uri, version_ident(mv))
 
 
 # --------------------------------------------------------------------------------------
