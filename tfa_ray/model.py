@@ -413,17 +413,23 @@ class Detector(nn.Module):
             out = (out + norms["knn"](maps["knn"]) * cfg.w_knn) / (1.0 + cfg.w_knn)
         return out
 
+    def score_maps(
+        self, maps: dict[str, torch.Tensor], fused: torch.Tensor, cfg: AnomalyConfig
+    ) -> torch.Tensor:
+        """The maps image scores are taken from: the fused map, or (``cfg.image_evidence =
+        "statistics"``) the normalised statistical map alone."""
+        if cfg.image_evidence == "map" or self.gaussian is None:
+            return fused
+        if cfg.image_evidence != "statistics":
+            raise ValueError(f"unknown image evidence {cfg.image_evidence!r}")
+        return self.map_norms()[cfg.statistics](maps[cfg.statistics])
+
     def decide(
         self, maps: dict[str, torch.Tensor], cfg: AnomalyConfig
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused map and each image's score, taken from that map or (``cfg.image_evidence
-        = "statistics"``) from the normalised statistical map alone."""
+        """The fused map and each image's score (from :meth:`score_maps`)."""
         fused = self.fuse(maps, cfg)
-        if cfg.image_evidence == "map" or self.gaussian is None:
-            return fused, image_score(fused, cfg)
-        if cfg.image_evidence != "statistics":
-            raise ValueError(f"unknown image evidence {cfg.image_evidence!r}")
-        return fused, image_score(self.map_norms()[cfg.statistics](maps[cfg.statistics]), cfg)
+        return fused, image_score(self.score_maps(maps, fused, cfg), cfg)
 
     def map_norms(self) -> dict[str, MapNorm]:
         """Each kind of evidence's normal-pixel scale (fitted in selection, used by ``fuse``)."""

@@ -243,10 +243,11 @@ def select_inference(
             anomaly_cfg = dataclasses.replace(
                 preset.anomaly, w_reconstruction=w, statistics=stat, image_evidence=source
             )
-            fused = [detector.fuse(m, anomaly_cfg) for m in (normal, anomalous)]
-            image_maps = None
-            if source == "statistics":
-                image_maps = tuple(norms[stat](m[stat]) for m in (normal, anomalous))
+            evidence = (normal, anomalous)
+            fused = [detector.fuse(m, anomaly_cfg) for m in evidence]
+            image_maps = tuple(
+                detector.score_maps(m, f, anomaly_cfg) for m, f in zip(evidence, fused, strict=True)
+            )
             sel, parts = selection_score(*fused, masks, anomaly_cfg, image_maps)
             anomaly_cfg = dataclasses.replace(anomaly_cfg, score=parts["score_kind"])
             label = (
