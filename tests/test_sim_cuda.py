@@ -207,3 +207,40 @@ def test_scorer_batch_path_on_cuda(sim_cuda, tiny_model_dir, tmp_path, monkeypat
     assert seen and [it["status"] for it in items] == ["ok"] * 3
     np.testing.assert_allclose([it["score"] for it in items], scores["cpu"], rtol=2e-2, atol=1e-4)
     assert Path(items[0]["path"]).name == "0.jpg"
+
+
+def test_evaluate_cli_runs_on_the_gpu_when_present(sim_cuda, tiny_model_dir, synth, tmp_path):
+    """``tfa-ray evaluate`` picks the GPU like training does (``--device auto``, the default)
+    and keeps ``--device cpu``; the metrics are the same either way (fp32 vs bf16 aside)."""
+    from tfa_ray import cli, evaluation, package
+
+    devices = []
+    real = package.load_model
+
+    def spy(url, device="cpu"):
+        model = real(url, device=device)
+        devices.append(model.detector.template.device.type)
+        return model
+
+    metrics = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(package, "load_model", spy)
+        for flag in ([], ["--device", "cpu"]):
+            out = tmp_path / f"m{len(flag)}.json"
+            argv = ["evaluate", "--model", tiny_model_dir, "--data", synth, "--json", str(out)]
+            assert cli.main(argv + flag) == 0
+            metrics[tuple(flag)] = json.loads(out.read_text())
+    assert devices == ["cuda", "cpu"]
+    a, b = metrics[()], metrics[("--device", "cpu")]
+    assert a["image_auroc"] == pytest.approx(b["image_auroc"], abs=0.2)
+    assert evaluation.pick_device("auto").type == "cuda"
+
+
+def test_evaluate_device_without_a_gpu():
+    from tfa_ray.evaluation import pick_device
+
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            pick_device("cuda")
