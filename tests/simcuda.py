@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -258,12 +259,25 @@ def simulated_cuda(num_devices: int = 1) -> Iterator[None]:
 
 
 def activate_from_env() -> None:
-    """For a process started elsewhere (a Ray worker): when ``TFA_SIM_CUDA=1``, active for the
-    rest of the process's life."""
-    global _PROCESS_WIDE
-    if os.environ.get(ENV) == "1" and _PROCESS_WIDE is None:
-        _PROCESS_WIDE = simulated_cuda()  # kept: collecting it would deactivate it
-        _PROCESS_WIDE.__enter__()
+    """For a process started elsewhere (a Ray worker, as its ``worker_process_setup_hook``):
+    when ``TFA_SIM_CUDA=1``, ``torch.cuda`` answers as a GPU for the rest of the process's
+    life, and tensors convert in the calling thread. Torch function modes are per thread: a
+    Ray Train loop (its own thread) calls this again first."""
+    if os.environ.get(ENV) != "1":
+        return
+    if not _PROCESS.patched:
+        for obj, name, value in _patches(1):
+            setattr(obj, name, value)
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        _PROCESS.patched = True
+    if not getattr(_THREAD, "mode", None):
+        _THREAD.mode = SimCudaMode()
+        _THREAD.mode.__enter__()
 
 
-_PROCESS_WIDE = None
+class _Flags:
+    patched = False
+
+
+_PROCESS = _Flags()
+_THREAD = threading.local()
