@@ -244,3 +244,26 @@ def test_evaluate_device_without_a_gpu():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             pick_device("cuda")
+
+
+def test_feature_cache_standardises_in_place_and_loads_batches(sim_cuda):
+    """The host cache: standardised chunk by chunk in place (no fp32 copy of the set), and
+    batches gathered through the pinned staging buffer onto the device."""
+    from tfa_ray.features import CHUNK, BatchLoader, feature_statistics, standardize_
+
+    g = torch.Generator().manual_seed(0)
+    phi = (torch.randn(CHUNK * 2 + 5, 6, 4, 4, generator=g) * 3 + 1).half()
+    mean, std = feature_statistics(phi)
+    want = ((phi.float() - mean[:, None, None]) / std[:, None, None]).half()
+    ptr = phi.data_ptr()
+    out = standardize_(phi, mean, std)
+    assert out.data_ptr() == ptr and torch.equal(out, want)
+    m2, s2 = feature_statistics(out)
+    assert m2.abs().max() < 1e-2 and (s2 - 1).abs().max() < 1e-2
+
+    load = BatchLoader(out, torch.device("cuda"))
+    for rows in (torch.tensor([3, 1, 130]), torch.tensor([7, 0])):
+        x = load(rows)
+        assert x.is_cuda and x.dtype == torch.float32
+        assert torch.equal(x.cpu(), out[rows].float())
+    assert load.staging is not None and load.staging.shape[0] == 3  # reused, not regrown

@@ -326,7 +326,7 @@ def train_epochs(
     steps_per_epoch = math.ceil(len(prep.train_phi) / tcfg.batch_size)
     total_steps = tcfg.epochs * steps_per_epoch
     distributed = shard is not None
-    lead = shard is None or shard[0] == 0  # rank 0 validates and decides; the others train
+    lead = not active(shard) or shard[0] == 0  # rank 0 validates and decides; the others train
     load = BatchLoader(prep.train_phi, device)
     t_train = time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0)
     if shard is not None:  # data parallel: each worker draws its own input-token masks
@@ -434,11 +434,10 @@ def fit(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(tcfg.seed)
     detector = Detector(preset.model).to(device)
-    lead = shard is None or shard[0] == 0
-    if lead or not active(shard):
-        prep = prepare(data, preset, detector, device, template, skip_bad, echo)
+    lead = not active(shard) or shard[0] == 0
+    prep = prepare(data, preset, detector, device, template, skip_bad, echo) if lead else None
     if active(shard):  # data parallel: rank 0 prepared, the others receive what they train on
-        prep = share_prepared(prep if lead else None, detector, device)
+        prep = share_prepared(prep, detector, device)
 
     optimizer = torch.optim.AdamW(
         detector.net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay
