@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from tfa_ray.features import host_cache
 from tfa_ray.model import Detector
 
 CHUNK = 64  # images per broadcast of the feature cache
@@ -58,7 +59,7 @@ def broadcast_cache(cache: torch.Tensor | None, device: torch.device) -> torch.T
     dist.broadcast_object_list(shape, src=0, device=device)
     if shape[0] is None:
         return None
-    out = cache if rank == 0 else torch.empty(shape[0], dtype=torch.float16)
+    out = cache if rank == 0 else host_cache(shape[0], device)  # pinned on a GPU, like rank 0's
     for i in range(0, shape[0][0], CHUNK):
         rows = out[i : i + CHUNK]
         buf = rows.to(device) if rank == 0 else torch.empty_like(rows, device=device)
