@@ -257,16 +257,17 @@ def prepare(
 
 
 def share_prepared(prep: Prepared | None, detector: Detector, device: torch.device) -> Prepared:
-    """Rank 0's preparation on every rank of data-parallel training: the training cache and
-    the detector state the loss reads. The held-out splits stay with rank 0, which alone
-    validates, selects and calibrates."""
+    """Rank 0's preparation on every rank: the training cache and the detector state the loss
+    reads (the held-out splits stay with rank 0, which alone validates, selects, calibrates)."""
+    lead = prep is not None
     paths = broadcast_object(
-        prep and (prep.train_paths, prep.val_paths, prep.calib_paths, prep.template_path), device
+        (prep.train_paths, prep.val_paths, prep.calib_paths, prep.template_path) if lead else None,
+        device,
     )
     broadcast_training_state(detector, device)
-    train_phi = broadcast_cache(prep and prep.train_phi, device)
-    corrupt_phi = broadcast_cache(prep and prep.corrupt_phi, device)
-    if prep is not None:
+    train_phi = broadcast_cache(prep.train_phi if lead else None, device)
+    corrupt_phi = broadcast_cache(prep.corrupt_phi if lead else None, device)
+    if lead:
         return prep
     none = torch.empty(0, dtype=torch.float16)
     val = ValidationSet(torch.empty(0, 3, 1, 1, dtype=torch.uint8), none, none)
