@@ -21,6 +21,11 @@ def add_score_arguments(p) -> None:
         "(default '{category}/**': the first component)",
     )
     p.add_argument("--root", help="manifest input: paths are relative to this URL")
+    p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="score manifest paths that resolve outside the input root (default: error rows)",
+    )
     p.add_argument("--alias", default="champion", help="registry alias to score with")
     p.add_argument("--prefix", default="tfa-", help="registered model name prefix")
     p.add_argument(
@@ -77,6 +82,7 @@ def config_from_args(args) -> tuple[ScoreConfig, Resolver | None]:
         category=args.category,
         category_pattern=args.category_pattern,
         root=args.root,
+        allow_outside_root=args.allow_outside_root,
         alias=args.alias,
         prefix=args.prefix,
         batch_size=args.batch_size,

@@ -17,6 +17,7 @@ class ScoreConfig:
     category: str | None = None  # one category for every input
     category_pattern: str = "{category}/**"  # relative to the input prefix / manifest root
     root: str | None = None  # manifest input: relative paths are under this (default: its dir)
+    allow_outside_root: bool = False  # score manifest paths outside the root (else error rows)
     alias: str = "champion"
     prefix: str = "tfa-"
     batch_size: int = 16  # images per model forward pass

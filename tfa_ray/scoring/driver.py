@@ -52,6 +52,16 @@ class Stages:
     write: Callable[..., dict] = write_shard
 
 
+def check_urls(cfg: ScoreConfig) -> None:
+    """Refuse URLs that would reach beyond what the user named, before anything is listed or
+    written: an ``s3://`` URL without a bucket, an output bucket that does not exist (it is
+    never created)."""
+    for url in (cfg.input, cfg.output, cfg.root):
+        if url and storage.is_s3(url):
+            storage.split_bucket(url)
+    storage.require_bucket(cfg.output, cfg.endpoint_url)
+
+
 def _new_run_id() -> str:
     return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
@@ -92,6 +102,7 @@ def _pipeline(
             "max_pixels": cfg.max_pixels,
             "endpoint_url": cfg.endpoint_url,
             "gpu_decode": cfg.decode_on_device(),  # JPEGs travel encoded to the scorer
+            "root": plan.header.get("root"),  # paths outside it: error rows that say so
         },
     )
     use_gpu = cfg.num_gpus_per_actor > 0
@@ -172,6 +183,7 @@ def score(
     if cfg.endpoint_url is None:  # the driver's environment decides the endpoint for all workers
         env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         cfg = dataclasses.replace(cfg, endpoint_url=env_endpoint or None)
+    check_urls(cfg)
     resolver = resolver or RegistryResolver(prefix=cfg.prefix)
     run_id = cfg.run_id or _new_run_id()
     run_dir = run_dir_url(cfg.output, run_id)

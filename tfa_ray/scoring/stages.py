@@ -24,16 +24,17 @@ import warnings
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import ExifTags, Image
 
 from tfa_ray import storage
 from tfa_ray.data import ImageDecodeError, decode_image
 from tfa_ray.retry import is_transient
 from tfa_ray.scoring.cache import DEFAULT_MAX_BYTES, ModelCache, model_nbytes
-from tfa_ray.scoring.contract import ERROR, OK, PERMANENT, TRANSIENT, retry_marker, to_table
+from tfa_ray.scoring.contract import OK, PERMANENT, TRANSIENT
+from tfa_ray.scoring.listing import inside
 from tfa_ray.scoring.manifest import read_shard_paths
 from tfa_ray.scoring.models import Resolver
+from tfa_ray.scoring.writer import _error, _first, _from_npy, shard_table, write_shard  # noqa: F401 - stage 3, re-exported
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +43,6 @@ def _npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
-
-
-def _from_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _first(batch: dict[str, Any], key: str) -> Any:
-    value = batch[key][0]
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _error(item: dict[str, Any], message: str, kind: str) -> dict[str, Any]:
-    item.update(status=ERROR, error=message, error_kind=kind)
-    return item
 
 
 # --------------------------------------------------------------------------------------
@@ -209,6 +196,7 @@ def decode_shard(
     max_pixels: int | None,
     endpoint_url: str | None,
     gpu_decode: bool = False,
+    root: str | None = None,
 ) -> dict[str, list]:
     """One shard row in, one row out: ``images`` (n, 3, S, S) uint8 as .npy bytes, ``encoded``
     (with ``gpu_decode``: the JPEGs left for the scorer's device, concatenated) and ``items``
@@ -222,7 +210,10 @@ def decode_shard(
     encoded: list[bytes] = []
     size = int(model.get("image_size", 0)) if model else 0
     for path in paths:
-        if category is None:
+        if category is None and root and not inside(path, root):
+            msg = f"path is outside the input root {root} (--allow-outside-root to score it)"
+            items.append(_error({"path": path}, msg, PERMANENT))
+        elif category is None:
             msg = "path does not match the category pattern (no category)"
             items.append(_error({"path": path}, msg, PERMANENT))
         elif model is None or "error" in model:
@@ -417,115 +408,3 @@ class ShardScorer:
             "score_pid": [os.getpid()],
             "score_rss_mb": [_peak_rss_mb()],
         }
-
-
-# --------------------------------------------------------------------------------------
-# stage 3: encode masks / heat maps and write the shard (CPU tasks)
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def _resize_map(amap: np.ndarray, width: int, height: int) -> np.ndarray:
-    img = Image.fromarray(amap.astype(np.float32), mode="F")
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(img)
-
-
-def shard_table(
-    items: list[dict[str, Any]],
-    maps: np.ndarray,
-    model: dict[str, Any],
-    category: str | None,
-    run_id: str,
-    heatmaps: bool,
-):
-    """The shard's rows as a table in the output schema."""
-    from tfa_ray.package import heatmap_uint16
-
-    low, high = model.get("heatmap_low"), model.get("heatmap_high")
-    now = _dt.datetime.now(_dt.UTC)
-    cols: dict[str, list] = {}
-
-    def add(**row: Any) -> None:
-        for k, v in row.items():
-            cols.setdefault(k, []).append(v)
-
-    k = 0
-    for it in items:
-        scored = it["status"] == OK and "score" in it
-        mask_png = heat_png = None
-        if scored:
-            full = _resize_map(maps[k], it["width"], it["height"])
-            k += 1
-            mask_png = _png(Image.fromarray(full > model["pixel_threshold"]))
-            if heatmaps:
-                heat_png = _png(Image.fromarray(heatmap_uint16(full, low, high)))
-        elif it["status"] == OK:  # decoded, but never scored: should not happen
-            _error(it, it.get("error") or "not scored", TRANSIENT)
-        add(
-            path=it["path"],
-            category=category,
-            model_name=model.get("model_name") if model else None,
-            model_version=model.get("model_version") if model else None,
-            score=it.get("score") if scored else None,
-            threshold=model.get("threshold") if model else None,
-            is_anomalous=it.get("is_anomalous") if scored else None,
-            mask_png=mask_png,
-            heatmap_png=heat_png,
-            heatmap_low=low if heat_png else None,
-            heatmap_high=high if heat_png else None,
-            width=it.get("width"),
-            height=it.get("height"),
-            status=OK if scored else ERROR,
-            error=None if scored else it.get("error"),
-            error_kind=None if scored else it.get("error_kind") or PERMANENT,
-            run_id=run_id,
-            scored_at=_dt.datetime.fromisoformat(it["scored_at"]) if scored else now,
-        )
-    return to_table(cols)
-
-
-def write_shard(
-    batch: dict[str, Any],
-    run_dir: str,
-    run_id: str,
-    heatmaps: bool,
-    endpoint_url: str | None,
-) -> dict[str, list]:
-    """Build the shard's table and write it atomically under its planned name; returns the
-    shard's counts.
-
-    A shard with transient error rows gets its retry marker *before* its file is written, and a
-    clean shard loses its marker only *after*: a crash in between leaves one more rescore, never
-    a transient row that no rerun looks at."""
-    file, category = _first(batch, "file"), _first(batch, "category") or None
-    items = json.loads(_first(batch, "items"))
-    model = json.loads(_first(batch, "model"))
-    table = shard_table(items, _from_npy(_first(batch, "maps")), model, category, run_id, heatmaps)
-    kinds = table.column("error_kind").to_pylist()
-    transient = kinds.count(TRANSIENT)
-    marker = storage.join(run_dir, retry_marker(file))
-    if transient:
-        storage.write_bytes(marker, json.dumps({"transient": transient}).encode(), endpoint_url)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(storage.join(run_dir, file), buf.getvalue(), endpoint_url)
-    if not transient:
-        storage.remove(marker, endpoint_url)
-    status = table.column("status").to_pylist()
-    return {
-        "file": [file],
-        "rows": [len(items)],
-        "ok": [status.count(OK)],
-        "error": [status.count(ERROR)],
-        "transient": [transient],
-        "anomalous": [sum(1 for a in table.column("is_anomalous").to_pylist() if a)],
-        "decode_pid": [int(_first(batch, "decode_pid"))],
-        "score_pid": [int(_first(batch, "score_pid"))],
-        "score_rss_mb": [float(_first(batch, "score_rss_mb"))],
-    }
