@@ -10,6 +10,9 @@ import sys
 import time
 
 from tfa_ray.config import PRESETS, get_preset
+from tfa_ray.errors import EXIT_ERROR_ROWS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, one_line
+
+log = logging.getLogger(__name__)
 
 
 def metrics_table(metrics: dict, title: str = "") -> str:
@@ -216,8 +219,15 @@ def run_score(args: argparse.Namespace):
     return summary
 
 
+def score_exit_code(summary) -> int:
+    """0: every input ok; 3: finished with error rows; 1: nothing was scored."""
+    if not summary.total:
+        return EXIT_FAILED
+    return EXIT_ERROR_ROWS if summary.error else EXIT_OK
+
+
 def cmd_score(args: argparse.Namespace) -> int:
-    return 0 if run_score(args).total else 1
+    return score_exit_code(run_score(args))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -374,6 +384,7 @@ def setup_logging(verbose: bool, log_file: str) -> list[logging.Handler]:
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     console.setLevel(logging.INFO if verbose else logging.WARNING)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     root.addHandler(file_handler)
@@ -399,9 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     handlers = setup_logging(args.verbose, log_file)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"tfa-ray {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted", exc_info=True, extra={"file_only": True})
+        print(f"tfa-ray {args.command}: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - every failure: one line here, the rest in the log
+        usage = isinstance(exc, FileNotFoundError | ValueError)
+        log.error("%s failed", args.command, exc_info=exc, extra={"file_only": True})
+        print(f"tfa-ray {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE if usage else EXIT_FAILED
     finally:
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
