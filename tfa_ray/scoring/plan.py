@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from tfa_ray import storage
+from tfa_ray.package_check import PackageError, check_package
 from tfa_ray.retry import is_transient
 from tfa_ray.scoring.config import ScoreConfig
 from tfa_ray.scoring.contract import PLAN_FILE, RETRY_DIR, retry_marker
@@ -103,13 +104,21 @@ def assign_categories(
 
 def resolve_category(cfg: ScoreConfig, category: str, resolver: Resolver) -> dict[str, Any]:
     """The plan's model entry for a category: name, version, image size; or the error, with
-    ``transient`` telling whether a rerun should try again."""
+    ``transient`` telling whether a rerun should try again (a package that fails
+    :func:`~tfa_ray.package_check.check_package` never: its message names model and version)."""
     from tfa_ray.config import preset_from_json
 
+    name, version = f"{cfg.prefix}{category}", None
     try:
         name, version, url = resolver(category, cfg.alias)
+        check_package(url)  # a broken package fails its rows permanently, named, here
         preset = preset_from_json(storage.read_bytes(storage.join(url, "config.json")).decode())
         return {"name": name, "version": int(version), "image_size": preset.model.image_size}
+    except PackageError as e:
+        return {
+            "error": f"model {name} v{version} for category {category!r} is unusable: {e}",
+            "transient": False,
+        }
     except Exception as e:  # noqa: BLE001 - a missing model only fails its own rows
         return {
             "error": f"no usable model {cfg.prefix}{category}@{cfg.alias} for category "

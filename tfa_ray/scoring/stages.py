@@ -28,6 +28,7 @@ from PIL import ExifTags, Image
 
 from tfa_ray import storage
 from tfa_ray.data import ImageDecodeError, decode_image
+from tfa_ray.package_check import PackageError, check_package
 from tfa_ray.retry import is_transient
 from tfa_ray.scoring.cache import DEFAULT_MAX_BYTES, ModelCache, model_nbytes
 from tfa_ray.scoring.contract import OK, PERMANENT, TRANSIENT
@@ -249,13 +250,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class LoadFailure(str):
+    """The message of a failed model load; ``kind`` says whether a rerun may fix it."""
+
+    kind: str = TRANSIENT
+
+
 class ShardScorer:
     """Callable class for ``map_batches``: scores one shard per call.
 
     Each actor loads the model of each category it meets once and keeps it while it fits the
     model cache (``model_cache_bytes``, least recently used out first; the template's embedding
     is computed at load). A failed load is not kept for the actor's lifetime: the shard's rows
-    become transient error rows and the load is tried again after ``retry_after_s`` (the
+    become error rows (transient, or permanent for a broken package) and the load is tried
+    again after ``retry_after_s`` (the
     resolver itself already retried with backoff). Torch gets as many threads as the CPUs Ray
     gave the actor (``num_threads`` overrides): a GPU actor's CPU work uses them too.
     """
@@ -288,22 +296,29 @@ class ShardScorer:
         self.pinned = dict(pinned or {})  # category -> the version the run's plan resolved
         self.retry_after_s = retry_after_s
         self.models = ModelCache(model_cache_bytes, size=lambda entry: model_nbytes(entry[2]))
-        self.failed: dict[str, tuple[float, str]] = {}  # category -> (monotonic time, message)
+        self.failed: dict[str, tuple[float, LoadFailure]] = {}  # category -> (time, failure)
 
     def load(self, category: str) -> tuple[str, int, Any]:
         """(name, version, TFAModel) for the category's pinned version; raises on failure."""
         from tfa_ray.package import load_model
 
         name, version, url = self.resolver(category, self.alias, version=self.pinned.get(category))
-        model = load_model(url, device=self.device)
+        try:
+            check_package(url)
+            model = load_model(url, device=self.device)
+        except OSError:
+            raise  # I/O: may pass, transient
+        except Exception as e:  # noqa: BLE001 - the package itself is broken: permanent
+            raise PackageError(f"model {name} v{version} is unusable: {e}") from e
         model.precision = self.precision
         with self.torch.no_grad():
             model.detector.template_embedding()  # template features: once per actor
         log.info("scorer loaded %s v%s for %s", name, version, category)
         return name, int(version), model
 
-    def _model(self, category: str) -> tuple[str, int, Any] | str:
-        """The loaded model, or the message of a failed load."""
+    def _model(self, category: str) -> tuple[str, int, Any] | LoadFailure:
+        """The loaded model, or the message of a failed load (its ``kind``: permanent for a
+        broken package, :class:`PackageError`; transient for the rest: I/O, the registry)."""
         entry = self.models.get(category)
         if entry is not None:
             return entry
@@ -315,10 +330,12 @@ class ShardScorer:
             self.models.put(category, entry)
             self.failed.pop(category, None)
             return entry
-        except Exception as e:  # noqa: BLE001 - the shard's rows become transient error rows
+        except Exception as e:  # noqa: BLE001 - the shard's rows become error rows
             msg = f"cannot load model for category {category!r}: {type(e).__name__}: {e}"
-            self.failed[category] = (time.monotonic(), msg)
-            return msg
+            failure = LoadFailure(msg)
+            failure.kind = PERMANENT if isinstance(e, PackageError) else TRANSIENT
+            self.failed[category] = (time.monotonic(), failure)
+            return failure
 
     def _decoded(self, items: list[dict[str, Any]], images: np.ndarray, batch: dict[str, Any]):
         """The ok items' pixels in order, (n, 3, S, S) uint8: the rows of ``images`` (decoded on
@@ -366,9 +383,9 @@ class ShardScorer:
         model_info: dict[str, Any] = {}
         maps = np.zeros((0, 1, 1), np.float16)
         entry = self._model(category) if ok else None
-        if isinstance(entry, str):
+        if isinstance(entry, LoadFailure):
             for it in ok:
-                _error(it, entry, TRANSIENT)
+                _error(it, entry, entry.kind)
         elif entry is not None:
             name, version, model = entry
             cal = model.calibration
