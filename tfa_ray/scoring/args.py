@@ -53,6 +53,11 @@ def add_score_arguments(p) -> None:
     )
     p.add_argument("--run-id", help="run id; rerun with the same id to resume a run")
     p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if the run id is in progress elsewhere, wait for it to end (default: refuse)",
+    )
+    p.add_argument(
         "--max-pixels", type=int, default=MAX_PIXELS, help="larger images become error rows"
     )
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
@@ -94,6 +99,7 @@ def config_from_args(args) -> tuple[ScoreConfig, Resolver | None]:
         model_cache_gb=args.model_cache_gb,
         heatmaps=args.heatmaps,
         run_id=args.run_id,
+        wait=args.wait,
         max_pixels=args.max_pixels,
         endpoint_url=args.endpoint_url,
         device=args.device,

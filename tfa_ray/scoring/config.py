@@ -28,6 +28,8 @@ class ScoreConfig:
     decode_concurrency: int | None = None  # max decode tasks in flight (None: Ray decides)
     heatmaps: bool = False
     run_id: str | None = None
+    wait: bool = False  # the run id is in progress elsewhere: wait for it (else refuse)
+    lease_ttl_s: float = 120.0  # a run's lease expires this long after its last renewal
     max_pixels: int | None = MAX_PIXELS
     endpoint_url: str | None = None
     device: str | None = None  # scorer device; default cuda when the actor has a GPU

@@ -31,6 +31,7 @@ from typing import Any
 
 from tfa_ray import storage
 from tfa_ray.drift import drift_section
+from tfa_ray.scoring.lease import hold
 from tfa_ray.scoring.config import RunSummary, ScoreConfig
 from tfa_ray.scoring.contract import SUCCESS_FILE, run_dir_url
 from tfa_ray.scoring.models import RegistryResolver, Resolver
@@ -178,7 +179,8 @@ def score(
     echo: Callable[[str], None] = print,
     stages: Stages | None = None,
 ) -> RunSummary:
-    """Score ``cfg.input`` into ``cfg.output``; resumes a run whose run id already exists."""
+    """Score ``cfg.input`` into ``cfg.output``; resumes a run whose run id already exists. One
+    process at a time per run id (:mod:`~tfa_ray.scoring.lease`): another waits or refuses."""
     t0 = time.perf_counter()
     if cfg.endpoint_url is None:  # the driver's environment decides the endpoint for all workers
         env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -187,6 +189,20 @@ def score(
     resolver = resolver or RegistryResolver(prefix=cfg.prefix)
     run_id = cfg.run_id or _new_run_id()
     run_dir = run_dir_url(cfg.output, run_id)
+    with hold(run_dir, run_id, cfg.wait, cfg.lease_ttl_s, cfg.endpoint_url):
+        return _score(cfg, resolver, echo, stages, run_id, run_dir, t0)
+
+
+def _score(
+    cfg: ScoreConfig,
+    resolver: Resolver,
+    echo: Callable[[str], None],
+    stages: Stages | None,
+    run_id: str,
+    run_dir: str,
+    t0: float,
+) -> RunSummary:
+    """The run, with its lease held."""
     plan = load_or_make_plan(cfg, run_id, run_dir, resolver)
     todo = pending_shards(plan, run_dir, cfg.endpoint_url)
     skipped = plan.num_shards - len(todo)
