@@ -31,9 +31,9 @@ from typing import Any
 
 from tfa_ray import storage
 from tfa_ray.drift import drift_section
-from tfa_ray.scoring.lease import hold
 from tfa_ray.scoring.config import RunSummary, ScoreConfig
 from tfa_ray.scoring.contract import SUCCESS_FILE, run_dir_url
+from tfa_ray.scoring.lease import hold
 from tfa_ray.scoring.models import RegistryResolver, Resolver
 from tfa_ray.scoring.plan import Plan, load_or_make_plan, pending_shards
 from tfa_ray.scoring.stages import ShardScorer, decode_shard, write_shard
