@@ -127,6 +127,7 @@ def test_damaged_cached_download_is_fetched_again(tiny_model_dir, tmp_path, monk
     from tfa_ray.package import load_model
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) land in the temporary directory
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("TFA_RAY_MODEL_CACHE", str(tmp_path / "cache"))
     mv = tracking.log_training(
