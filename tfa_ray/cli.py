@@ -1,4 +1,4 @@
-"""`tfa-ray` command line: train, evaluate, synth."""
+"""`tfa-ray` command line: train, register, evaluate, score, synth."""
 
 from __future__ import annotations
 
@@ -174,6 +174,22 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register a package that is already trained: one a training job kept when the registry
+    failed, or one trained elsewhere."""
+    from tfa_ray import registry
+    from tfa_ray.train_register import register_package
+
+    mv = register_package(args.package, args.category, prefix=args.prefix)
+    print(f"registered {mv.name} version {mv.version} (alias candidate) from {args.package}")
+    if args.promote_if_better:
+        _, why = registry.promote_if_better(
+            args.category, args.promote_if_better, version=mv.version, prefix=args.prefix
+        )
+        print(why)
+    return EXIT_OK
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tfa_ray.data import discover
     from tfa_ray.evaluation import evaluate_model
@@ -334,6 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--promote-if-better", metavar="METRIC", help="only if METRIC >= the alias holder's"
     )
     pr.set_defaults(func=cmd_promote)
+
+    rg = sub.add_parser(
+        "register", help="register a trained package (kept by a training job, or from elsewhere)"
+    )
+    rg.add_argument("--package", required=True, help="package directory or s3:// URL")
+    rg.add_argument("--category", required=True)
+    rg.add_argument("--prefix", default="tfa-")
+    rg.add_argument(
+        "--promote-if-better", metavar="METRIC", help="make champion if METRIC >= champion's"
+    )
+    rg.set_defaults(func=cmd_register)
 
     s = sub.add_parser("synth", help="write a small procedural dataset in MVTec AD layout")
     s.add_argument("--output", required=True)
