@@ -61,6 +61,29 @@ def test_s3_lease(s3_env):
     _lease_rules(f"s3://{bucket}/out/run_id=night", s3_env)
 
 
+def test_lease_of_a_killed_process_on_this_host_is_stale(tmp_path):
+    import socket
+    import subprocess
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    lease = {
+        "run_id": "r",
+        "host": socket.gethostname(),
+        "pid": int(dead.stdout),
+        "token": "x",
+        "expires": time.time() + 600,
+    }
+    (tmp_path / LEASE_FILE).write_text(json.dumps(lease))
+    with hold(str(tmp_path), "r") as taken:  # before its expiry: its process is gone
+        assert json.loads((tmp_path / LEASE_FILE).read_text())["token"] == taken.token
+    alive = dict(lease, pid=os.getppid())  # a live process on this host: respected
+    (tmp_path / LEASE_FILE).write_text(json.dumps(alive))
+    with pytest.raises(RunInProgress):
+        hold(str(tmp_path), "r")
+
+
 def test_lease_is_renewed(tmp_path):
     with hold(str(tmp_path), "r", ttl_s=0.8) as lease:
         time.sleep(1.5)  # longer than the TTL: renewed meanwhile, so not stale

@@ -3,7 +3,8 @@ atomically -- ``O_EXCL`` on a local disk, a conditional PUT (``If-None-Match: *`
 renewed while the run lives and removed when it ends.
 
 A second run with the same id waits (``--wait``) or refuses with one line naming who holds
-it. A lease past its expiry (its run died without removing it) is taken over, atomically: on
+it. A lease past its expiry, or one whose process is gone from this host (a killed driver
+never removes its lease), is stale and taken over, atomically: on
 S3 a PUT conditional on the stale lease's ETag (``If-Match``), locally a rename that only one
 process can win.
 """
@@ -38,6 +39,22 @@ def _now() -> float:
 
 def _iso(t: float) -> str:
     return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _dead_here(lease: dict[str, Any]) -> bool:
+    """The lease's process ran on this host and is gone (killed: it never removed its lease),
+    so the lease is stale before its expiry."""
+    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+        return False
+    if lease["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(lease["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 @dataclass
@@ -141,9 +158,9 @@ class Lease:
             current, tag = self._read()
             if current is None:
                 continue  # released between our create and our read
-            if float(current.get("expires", 0)) < _now():
+            if float(current.get("expires", 0)) < _now() or _dead_here(current):
                 log.warning(
-                    "run %s: taking over the lease of %s (pid %s), expired %s",
+                    "run %s: taking over the stale lease of %s (pid %s, until %s)",
                     self.run_id,
                     current.get("host"),
                     current.get("pid"),
