@@ -5,7 +5,7 @@ write them:
 * :class:`ShardScorer` -- a callable class (actor pool): loads each category's model once per
   actor, scores the shard.
 * :func:`write_shard` -- a function (CPU tasks): encode masks / heat maps, write the shard's
-  Parquet file atomically under its planned name.
+  Parquet file atomically under its planned name (in :mod:`~tfa_ray.scoring.writer`).
 
 Every input path leaves the decode stage as one item (path, status, error, error_kind, size);
 a bad input becomes an error item, never an exception. ``read_binary_files`` is deliberately
