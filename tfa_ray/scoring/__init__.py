@@ -8,8 +8,9 @@ Modules, one concern each: ``contract`` (output layout, schema, reading, verific
 ``config`` (the run's settings and summary), ``models`` (category -> model package),
 ``listing`` (the input as bounded batches), ``manifest`` (the plan's paths as Parquet, sorted
 out of core), ``plan`` (categories, models, shards, resume), ``verify`` (every path exactly
-once, streamed), ``stages`` (the three Ray Data stages), ``driver`` (the run), ``args``
-(command line options).
+once, streamed), ``stages`` (decode and score), ``writer`` (the shard's Parquet file),
+``lease`` (one run at a time per run id), ``driver`` (the run), ``args`` (command line
+options).
 """
 
 from tfa_ray.scoring.args import add_score_arguments, config_from_args

@@ -21,6 +21,11 @@ def add_score_arguments(p) -> None:
         "(default '{category}/**': the first component)",
     )
     p.add_argument("--root", help="manifest input: paths are relative to this URL")
+    p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="score manifest paths that resolve outside the input root (default: error rows)",
+    )
     p.add_argument("--alias", default="champion", help="registry alias to score with")
     p.add_argument("--prefix", default="tfa-", help="registered model name prefix")
     p.add_argument(
@@ -47,6 +52,11 @@ def add_score_arguments(p) -> None:
         "--heatmaps", action="store_true", help="also store heat maps (16-bit PNG, model scale)"
     )
     p.add_argument("--run-id", help="run id; rerun with the same id to resume a run")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if the run id is in progress elsewhere, wait for it to end (default: refuse)",
+    )
     p.add_argument(
         "--max-pixels", type=int, default=MAX_PIXELS, help="larger images become error rows"
     )
@@ -77,6 +87,7 @@ def config_from_args(args) -> tuple[ScoreConfig, Resolver | None]:
         category=args.category,
         category_pattern=args.category_pattern,
         root=args.root,
+        allow_outside_root=args.allow_outside_root,
         alias=args.alias,
         prefix=args.prefix,
         batch_size=args.batch_size,
@@ -88,6 +99,7 @@ def config_from_args(args) -> tuple[ScoreConfig, Resolver | None]:
         model_cache_gb=args.model_cache_gb,
         heatmaps=args.heatmaps,
         run_id=args.run_id,
+        wait=args.wait,
         max_pixels=args.max_pixels,
         endpoint_url=args.endpoint_url,
         device=args.device,

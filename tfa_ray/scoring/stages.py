@@ -5,7 +5,7 @@ write them:
 * :class:`ShardScorer` -- a callable class (actor pool): loads each category's model once per
   actor, scores the shard.
 * :func:`write_shard` -- a function (CPU tasks): encode masks / heat maps, write the shard's
-  Parquet file atomically under its planned name.
+  Parquet file atomically under its planned name (in :mod:`~tfa_ray.scoring.writer`).
 
 Every input path leaves the decode stage as one item (path, status, error, error_kind, size);
 a bad input becomes an error item, never an exception. ``read_binary_files`` is deliberately
@@ -24,16 +24,18 @@ import warnings
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import ExifTags, Image
 
 from tfa_ray import storage
 from tfa_ray.data import ImageDecodeError, decode_image
+from tfa_ray.package_check import PackageError, check_package
 from tfa_ray.retry import is_transient
 from tfa_ray.scoring.cache import DEFAULT_MAX_BYTES, ModelCache, model_nbytes
-from tfa_ray.scoring.contract import ERROR, OK, PERMANENT, TRANSIENT, retry_marker, to_table
+from tfa_ray.scoring.contract import OK, PERMANENT, TRANSIENT
+from tfa_ray.scoring.listing import inside
 from tfa_ray.scoring.manifest import read_shard_paths
 from tfa_ray.scoring.models import Resolver
+from tfa_ray.scoring.writer import _error, _first, _from_npy, shard_table, write_shard  # noqa: F401 - stage 3, re-exported
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +44,6 @@ def _npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
-
-
-def _from_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _first(batch: dict[str, Any], key: str) -> Any:
-    value = batch[key][0]
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _error(item: dict[str, Any], message: str, kind: str) -> dict[str, Any]:
-    item.update(status=ERROR, error=message, error_kind=kind)
-    return item
 
 
 # --------------------------------------------------------------------------------------
@@ -209,6 +197,7 @@ def decode_shard(
     max_pixels: int | None,
     endpoint_url: str | None,
     gpu_decode: bool = False,
+    root: str | None = None,
 ) -> dict[str, list]:
     """One shard row in, one row out: ``images`` (n, 3, S, S) uint8 as .npy bytes, ``encoded``
     (with ``gpu_decode``: the JPEGs left for the scorer's device, concatenated) and ``items``
@@ -222,7 +211,10 @@ def decode_shard(
     encoded: list[bytes] = []
     size = int(model.get("image_size", 0)) if model else 0
     for path in paths:
-        if category is None:
+        if category is None and root and not inside(path, root):
+            msg = f"path is outside the input root {root} (--allow-outside-root to score it)"
+            items.append(_error({"path": path}, msg, PERMANENT))
+        elif category is None:
             msg = "path does not match the category pattern (no category)"
             items.append(_error({"path": path}, msg, PERMANENT))
         elif model is None or "error" in model:
@@ -258,13 +250,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class LoadFailure(str):
+    """The message of a failed model load; ``kind`` says whether a rerun may fix it."""
+
+    kind: str = TRANSIENT
+
+
 class ShardScorer:
     """Callable class for ``map_batches``: scores one shard per call.
 
     Each actor loads the model of each category it meets once and keeps it while it fits the
     model cache (``model_cache_bytes``, least recently used out first; the template's embedding
     is computed at load). A failed load is not kept for the actor's lifetime: the shard's rows
-    become transient error rows and the load is tried again after ``retry_after_s`` (the
+    become error rows (transient, or permanent for a broken package) and the load is tried
+    again after ``retry_after_s`` (the
     resolver itself already retried with backoff). Torch gets as many threads as the CPUs Ray
     gave the actor (``num_threads`` overrides): a GPU actor's CPU work uses them too.
     """
@@ -297,22 +296,29 @@ class ShardScorer:
         self.pinned = dict(pinned or {})  # category -> the version the run's plan resolved
         self.retry_after_s = retry_after_s
         self.models = ModelCache(model_cache_bytes, size=lambda entry: model_nbytes(entry[2]))
-        self.failed: dict[str, tuple[float, str]] = {}  # category -> (monotonic time, message)
+        self.failed: dict[str, tuple[float, LoadFailure]] = {}  # category -> (time, failure)
 
     def load(self, category: str) -> tuple[str, int, Any]:
         """(name, version, TFAModel) for the category's pinned version; raises on failure."""
         from tfa_ray.package import load_model
 
         name, version, url = self.resolver(category, self.alias, version=self.pinned.get(category))
-        model = load_model(url, device=self.device)
+        try:
+            check_package(url)
+            model = load_model(url, device=self.device)
+        except OSError:
+            raise  # I/O: may pass, transient
+        except Exception as e:  # noqa: BLE001 - the package itself is broken: permanent
+            raise PackageError(f"model {name} v{version} is unusable: {e}") from e
         model.precision = self.precision
         with self.torch.no_grad():
             model.detector.template_embedding()  # template features: once per actor
         log.info("scorer loaded %s v%s for %s", name, version, category)
         return name, int(version), model
 
-    def _model(self, category: str) -> tuple[str, int, Any] | str:
-        """The loaded model, or the message of a failed load."""
+    def _model(self, category: str) -> tuple[str, int, Any] | LoadFailure:
+        """The loaded model, or the message of a failed load (its ``kind``: permanent for a
+        broken package, :class:`PackageError`; transient for the rest: I/O, the registry)."""
         entry = self.models.get(category)
         if entry is not None:
             return entry
@@ -324,10 +330,12 @@ class ShardScorer:
             self.models.put(category, entry)
             self.failed.pop(category, None)
             return entry
-        except Exception as e:  # noqa: BLE001 - the shard's rows become transient error rows
+        except Exception as e:  # noqa: BLE001 - the shard's rows become error rows
             msg = f"cannot load model for category {category!r}: {type(e).__name__}: {e}"
-            self.failed[category] = (time.monotonic(), msg)
-            return msg
+            failure = LoadFailure(msg)
+            failure.kind = PERMANENT if isinstance(e, PackageError) else TRANSIENT
+            self.failed[category] = (time.monotonic(), failure)
+            return failure
 
     def _decoded(self, items: list[dict[str, Any]], images: np.ndarray, batch: dict[str, Any]):
         """The ok items' pixels in order, (n, 3, S, S) uint8: the rows of ``images`` (decoded on
@@ -375,9 +383,9 @@ class ShardScorer:
         model_info: dict[str, Any] = {}
         maps = np.zeros((0, 1, 1), np.float16)
         entry = self._model(category) if ok else None
-        if isinstance(entry, str):
+        if isinstance(entry, LoadFailure):
             for it in ok:
-                _error(it, entry, TRANSIENT)
+                _error(it, entry, entry.kind)
         elif entry is not None:
             name, version, model = entry
             cal = model.calibration
@@ -417,115 +425,3 @@ class ShardScorer:
             "score_pid": [os.getpid()],
             "score_rss_mb": [_peak_rss_mb()],
         }
-
-
-# --------------------------------------------------------------------------------------
-# stage 3: encode masks / heat maps and write the shard (CPU tasks)
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def _resize_map(amap: np.ndarray, width: int, height: int) -> np.ndarray:
-    img = Image.fromarray(amap.astype(np.float32), mode="F")
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(img)
-
-
-def shard_table(
-    items: list[dict[str, Any]],
-    maps: np.ndarray,
-    model: dict[str, Any],
-    category: str | None,
-    run_id: str,
-    heatmaps: bool,
-):
-    """The shard's rows as a table in the output schema."""
-    from tfa_ray.package import heatmap_uint16
-
-    low, high = model.get("heatmap_low"), model.get("heatmap_high")
-    now = _dt.datetime.now(_dt.UTC)
-    cols: dict[str, list] = {}
-
-    def add(**row: Any) -> None:
-        for k, v in row.items():
-            cols.setdefault(k, []).append(v)
-
-    k = 0
-    for it in items:
-        scored = it["status"] == OK and "score" in it
-        mask_png = heat_png = None
-        if scored:
-            full = _resize_map(maps[k], it["width"], it["height"])
-            k += 1
-            mask_png = _png(Image.fromarray(full > model["pixel_threshold"]))
-            if heatmaps:
-                heat_png = _png(Image.fromarray(heatmap_uint16(full, low, high)))
-        elif it["status"] == OK:  # decoded, but never scored: should not happen
-            _error(it, it.get("error") or "not scored", TRANSIENT)
-        add(
-            path=it["path"],
-            category=category,
-            model_name=model.get("model_name") if model else None,
-            model_version=model.get("model_version") if model else None,
-            score=it.get("score") if scored else None,
-            threshold=model.get("threshold") if model else None,
-            is_anomalous=it.get("is_anomalous") if scored else None,
-            mask_png=mask_png,
-            heatmap_png=heat_png,
-            heatmap_low=low if heat_png else None,
-            heatmap_high=high if heat_png else None,
-            width=it.get("width"),
-            height=it.get("height"),
-            status=OK if scored else ERROR,
-            error=None if scored else it.get("error"),
-            error_kind=None if scored else it.get("error_kind") or PERMANENT,
-            run_id=run_id,
-            scored_at=_dt.datetime.fromisoformat(it["scored_at"]) if scored else now,
-        )
-    return to_table(cols)
-
-
-def write_shard(
-    batch: dict[str, Any],
-    run_dir: str,
-    run_id: str,
-    heatmaps: bool,
-    endpoint_url: str | None,
-) -> dict[str, list]:
-    """Build the shard's table and write it atomically under its planned name; returns the
-    shard's counts.
-
-    A shard with transient error rows gets its retry marker *before* its file is written, and a
-    clean shard loses its marker only *after*: a crash in between leaves one more rescore, never
-    a transient row that no rerun looks at."""
-    file, category = _first(batch, "file"), _first(batch, "category") or None
-    items = json.loads(_first(batch, "items"))
-    model = json.loads(_first(batch, "model"))
-    table = shard_table(items, _from_npy(_first(batch, "maps")), model, category, run_id, heatmaps)
-    kinds = table.column("error_kind").to_pylist()
-    transient = kinds.count(TRANSIENT)
-    marker = storage.join(run_dir, retry_marker(file))
-    if transient:
-        storage.write_bytes(marker, json.dumps({"transient": transient}).encode(), endpoint_url)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(storage.join(run_dir, file), buf.getvalue(), endpoint_url)
-    if not transient:
-        storage.remove(marker, endpoint_url)
-    status = table.column("status").to_pylist()
-    return {
-        "file": [file],
-        "rows": [len(items)],
-        "ok": [status.count(OK)],
-        "error": [status.count(ERROR)],
-        "transient": [transient],
-        "anomalous": [sum(1 for a in table.column("is_anomalous").to_pylist() if a)],
-        "decode_pid": [int(_first(batch, "decode_pid"))],
-        "score_pid": [int(_first(batch, "score_pid"))],
-        "score_rss_mb": [float(_first(batch, "score_rss_mb"))],
-    }
