@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tfa_ray.anomaly import reconstruction_loss
-from tfa_ray.calibration import Calibration
+from tfa_ray.calibration import Calibrations
 from tfa_ray.config import Preset
 from tfa_ray.data import CategoryData, check_images, load_image, template_path
 from tfa_ray.evidence import greedy_coreset
@@ -51,7 +51,7 @@ ECHO = functools.partial(print, flush=True)  # progress lines reach logs as they
 class TrainResult:
     detector: Detector
     preset: Preset  # as trained; a score kind of "auto" is resolved to the selected one
-    calibration: Calibration
+    calibration: Calibrations  # one entry per precision a scorer may compute at
     template_path: str
     history: list[dict] = field(default_factory=list)
     best_epoch: int = -1
@@ -490,8 +490,8 @@ def fit(
         f"test passes {preset.model.test_mask_passes} ({preset.model.test_mask_layout}), "
         f"w_rec {preset.anomaly.w_reconstruction:g}, score {preset.anomaly.score} of the "
         f"{preset.anomaly.image_evidence}; threshold "
-        f"{calibration.threshold:.5g} at FPR {tcfg.target_fpr:g} from {calibration.num_images} "
-        f"calibration images; {wall:.0f}s"
+        f"{calibration.at('fp32').threshold:.5g} (fp32) at FPR {tcfg.target_fpr:g} from "
+        f"{calibration.at('fp32').num_images} calibration images; {wall:.0f}s"
     )
     return TrainResult(
         detector=detector.cpu(),
