@@ -161,3 +161,27 @@ def test_calibrations_round_trip_and_refuse_unknown_precisions(calibrated):
         Calibrations({"fp32": cals.at("fp32"), "int8": cals.at("fp32")})
     with pytest.raises(ValueError, match="precision must be one of"):
         cals.at("auto")
+
+
+def test_fp16_convolutions_on_a_cpu_round_like_a_gpu():
+    """Under the fp16 calibration context on a CPU, a convolution takes fp16-rounded operands,
+    accumulates in fp32 (as cuDNN's fp16 convolutions do) and returns fp16, without the CPU's
+    slow fp16 reference kernel; everything else stays under fp16 autocast."""
+    import torch
+    import torch.nn.functional as F
+
+    from tfa_ray.package import autocast_at
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 8, 16, 16, generator=g), torch.randn(4, 8, 3, 3, generator=g), None
+    with autocast_at("fp16", "cpu"):
+        got = F.conv2d(x, w, b, padding=1)
+        lin = F.linear(x.flatten(1)[:, :8], w.flatten(1)[:, :8])
+    want = F.conv2d(x.half().float(), w.half().float(), None, padding=1).half()
+    assert got.dtype == torch.float16 and torch.equal(got, want)
+    assert lin.dtype == torch.float16  # autocast itself still on
+    with torch.autocast("cpu", dtype=torch.float16):
+        slow = F.conv2d(x, w, None, padding=1)  # the CPU's own fp16 kernel: within fp16 rounding
+    torch.testing.assert_close(got.float(), slow.float(), rtol=2e-2, atol=2e-2)
+    with autocast_at("fp32", "cpu"):
+        assert F.conv2d(x, w, padding=1).dtype == torch.float32
