@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tfa_ray.backbones import FeatureExtractor, lite0_key_map, load_pretrained_weights
-from tfa_ray.config import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig
+from tfa_ray.backbones import (
+    FEATURE_API,
+    SEQUENTIAL_FALLBACK,
+    FeatureExtractor,
+    lite0_key_map,
+    load_pretrained_weights,
+)
+from tfa_ray.config import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig, get_preset
 
 EGYPTIAN_CAT = 285
 PAPER_TAPS = ("maxpool", "layer1", "layer2", "layer3")
@@ -261,3 +268,88 @@ def test_per_image_norm_removes_exposure_and_gain_only() -> None:
     patched[..., 32:64, 32:64] = 1 - patched[..., 32:64, 32:64]
     diff = (normed(patched) - normed(x)).abs().mean(dim=1)[0]  # (16, 16)
     assert diff[4:8, 4:8].mean() > 5 * diff[12:, 12:].mean()
+
+
+# --- the paper's hub weights -------------------------------------------------------------------
+
+
+def test_paper_hub_weights_are_torchvision_imagenet(monkeypatch) -> None:
+    """weights="hub" asks timm for wide_resnet50_2.tv_in1k (torchvision's ImageNet weights, as
+    the paper, PaDiM and PatchCore), not timm's default racm_in1k; no network: the download is
+    replaced by a record of what it was asked for."""
+    asked: list[dict] = []
+    monkeypatch.setattr(timm.models, "load_pretrained", lambda m: asked.append(m.pretrained_cfg))
+    cfg = get_preset("paper").model.backbone
+    assert cfg.name == "wide_resnet50_2.tv_in1k" and cfg.weights == "hub"
+    gpu = get_preset("gpu").model.backbone
+    assert (gpu.name, gpu.weights) == (cfg.name, cfg.weights)
+    FeatureExtractor(cfg, feature_size=8)
+    assert [c["tag"] for c in asked] == ["tv_in1k"]
+    assert asked[0]["url"].endswith("/wide_resnet50_2-95faca4d.pth")  # torchvision's file
+    assert asked[0]["mean"] == IMAGENET_MEAN and asked[0]["std"] == IMAGENET_STD
+
+
+# --- taps through timm's feature API ---------------------------------------------------------
+
+
+def _hook_taps(model: nn.Module, taps: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """The taps as forward hooks on a full forward pass read them (the previous extractor)."""
+    seen: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = [
+        modules[t].register_forward_hook(lambda m, i, o, t=t: seen.setdefault(t, o)) for t in taps
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return [seen[t] for t in taps]
+
+
+@functools.cache
+def _wrn50_random(taps=PAPER_TAPS) -> FeatureExtractor:
+    """A randomly initialised WRN50-2 (built once per taps: ~70M parameters to initialise)."""
+    torch.manual_seed(7)
+    return FeatureExtractor(BackboneConfig(name="wide_resnet50_2", taps=taps, weights="random"), 16)
+
+
+@pytest.mark.parametrize(
+    "make, mode",
+    [
+        (lambda: FeatureExtractor(BackboneConfig(), 16), FEATURE_API),
+        (lambda: FeatureExtractor(get_preset("cpu-small").model.backbone, 16), FEATURE_API),
+        (lambda: _wrn50_random(("layer1", "layer2", "layer3")), FEATURE_API),
+        (_wrn50_random, SEQUENTIAL_FALLBACK),  # "maxpool" is no feature-API stage
+    ],
+    ids=["lite0", "lite0-cpu-small", "wrn50-stages", "wrn50-paper"],
+)
+def test_taps_equal_the_hook_version(make, mode) -> None:
+    fe = make()
+    assert fe.tap_mode == mode
+    x = _imagenet_normalise(_chelsea(96))
+    got, want = fe._collect(x), _hook_taps(fe.model, fe.taps, x)
+    for tap, a, b in zip(fe.taps, got, want, strict=True):
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-6, tap
+
+
+def test_taps_out_of_order_and_repeated() -> None:
+    fe = FeatureExtractor(BackboneConfig(taps=("blocks.4", "blocks.1", "blocks.4")), 8)
+    assert fe.tap_mode == FEATURE_API and fe.tap_channels == (112, 24, 112)
+    x = _imagenet_normalise(_chelsea(64))
+    for a, b in zip(fe._collect(x), _hook_taps(fe.model, fe.taps, x), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_nested_tap_neither_path_reaches_is_a_clear_error() -> None:
+    cfg = BackboneConfig(taps=("blocks.1.0.conv_dw",), weights="random")
+    with pytest.raises(ValueError, match="feature API or a top-level module"):
+        FeatureExtractor(cfg, 8)
+
+
+@pytest.mark.parametrize("make", [lambda: FeatureExtractor(BackboneConfig(), 8), _wrn50_random])
+def test_backbone_compiles_without_graph_breaks(make) -> None:
+    """fullgraph=True: any graph break (an exception that stops the network, a hook) fails."""
+    fe = make()
+    x = _chelsea(64)
+    compiled = torch.compile(fe, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), fe(x), rtol=0, atol=1e-6)

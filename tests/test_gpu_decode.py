@@ -217,9 +217,41 @@ def test_gpu_check_says_no_gpu_and_fails_fast():
         env=env,
         cwd=REPO,
     )
-    assert res.returncode != 0
+    assert res.returncode == 2
     assert "no CUDA GPU: gpu_check needs one" in res.stdout + res.stderr
     assert time.monotonic() - t < 30
+
+
+def test_gpu_check_uses_python3_when_python_is_missing(tmp_path):
+    """A machine with ``python3`` and no ``python``: the script runs ``python3`` (here past a
+    stand-in nvidia-smi, up to torch's own check, which finds no GPU: exit 2 at once)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(REPO),
+    }
+    assert subprocess.run(["bash", "-c", "command -v python"], env=env).returncode != 0
+    res = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh")],
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "torch.cuda.is_available() is False in python3" in res.stderr
+
+
+def test_gpu_check_sections_fit_the_total():
+    from benchmarks import gpu_check
+
+    assert list(gpu_check.LIMITS) == list(gpu_check.SECTIONS)
+    assert sum(gpu_check.LIMITS.values()) <= gpu_check.TOTAL_S < 8 * 60
+    assert {"fit-cpu-small", "fit-gpu", "ray-train"} <= set(gpu_check.SECTIONS)
 
 
 def test_gpu_check_helpers(tmp_path):

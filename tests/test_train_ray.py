@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from tfa_ray import registry, train_ray
+from tfa_ray.calibration import Calibrations
 from tfa_ray.config import get_preset, preset_to_json
 from tfa_ray.synth import make_dataset
 
@@ -144,7 +144,7 @@ def test_ddp_two_workers_match_one_worker(ray_cluster, tmp_path):
             root, "texture", preset_to_json(preset), settings
         )
         with open(os.path.join(pkg, "calibration.json")) as f:
-            threshold = json.load(f)["threshold"]
+            threshold = Calibrations.from_json(f.read()).at("fp32").threshold
         weights = load_file(os.path.join(pkg, "weights.safetensors"))
         shutil.rmtree(os.path.dirname(pkg), ignore_errors=True)  # train_one's temporary dir
         runs.append((weights, summary, history, threshold))

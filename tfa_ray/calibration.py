@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+# The precisions a scorer may compute at (tfa_ray.package.precision_key): each is calibrated
+# at itself, since a bf16 forward pass shifts scores by more than a threshold's margin.
+CALIBRATED_PRECISIONS = ("fp32", "bf16", "fp16")
+REFERENCE_PRECISION = "fp32"  # what a package from before per-precision calibration holds
 
 
 @dataclass(frozen=True)
@@ -81,3 +90,64 @@ def calibrate(
         supported_fpr=1.0 / (n + 1),
         normal_scores=tuple(float(f"{s:.6g}") for s in scores),
     )
+
+
+@dataclass(frozen=True)
+class Calibrations:
+    """One :class:`Calibration` per precision, each computed at that precision; the scorer,
+    evaluation and drift use the entry of the precision they actually compute at (:meth:`at`).
+
+    ``calibration.json`` holds ``{"precisions": {"fp32": {...}, "bf16": {...}, ...}}``. A
+    package from before holds one unkeyed calibration: it loads as the fp32 entry, and the other
+    precisions fall back to it (``legacy``; a log line says so once per load).
+    """
+
+    entries: Mapping[str, Calibration]
+    legacy: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if REFERENCE_PRECISION not in self.entries:
+            raise ValueError(f"calibrations need a {REFERENCE_PRECISION} entry, got {list(self)}")
+        unknown = [p for p in self.entries if p not in CALIBRATED_PRECISIONS]
+        if unknown:
+            raise ValueError(f"unknown precisions {unknown}: expected {CALIBRATED_PRECISIONS}")
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def at(self, precision: str) -> Calibration:
+        """The entry for ``precision`` (fp32 / bf16 / fp16); a missing one falls back to fp32
+        (an older package)."""
+        if precision not in CALIBRATED_PRECISIONS:
+            raise ValueError(f"precision must be one of {CALIBRATED_PRECISIONS}, got {precision!r}")
+        return self.entries.get(precision, self.entries[REFERENCE_PRECISION])
+
+    def precision_of(self, threshold: float) -> str | None:
+        """The precision whose entry has this threshold (what a scoring run wrote), or None."""
+        for precision, cal in self.entries.items():
+            if cal.threshold == threshold:
+                return precision
+        return None
+
+    def to_json(self) -> str:
+        entries = {p: dataclasses.asdict(c) for p, c in self.entries.items()}
+        return json.dumps({"precisions": entries}, indent=2, sort_keys=True)
+
+    @classmethod
+    def single(cls, calibration: Calibration) -> Calibrations:
+        """One fp32 entry (tests, and callers that calibrated at fp32 only)."""
+        return cls({REFERENCE_PRECISION: calibration})
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibrations:
+        fields = json.loads(text)
+        if "precisions" not in fields:
+            log.info(
+                "calibration.json from before per-precision calibration: its one entry is "
+                "taken as %s, and %s fall back to it",
+                REFERENCE_PRECISION,
+                " and ".join(p for p in CALIBRATED_PRECISIONS if p != REFERENCE_PRECISION),
+            )
+            return cls({REFERENCE_PRECISION: Calibration.from_json(text)}, legacy=True)
+        entries = {p: Calibration.from_json(json.dumps(c)) for p, c in fields["precisions"].items()}
+        return cls(entries)

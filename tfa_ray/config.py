@@ -164,7 +164,9 @@ class Preset:
 PAPER = Preset(
     model=ModelConfig(
         backbone=BackboneConfig(
-            name="wide_resnet50_2",
+            # torchvision's ImageNet weights, which the paper, PaDiM and PatchCore use (timm's
+            # default wide_resnet50_2 weights are its own racm_in1k)
+            name="wide_resnet50_2.tv_in1k",
             taps=("maxpool", "layer1", "layer2", "layer3"),
             weights="hub",
         ),

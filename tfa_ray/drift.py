@@ -18,6 +18,9 @@ The rules (:class:`DriftRules`), chosen so a stable line stays quiet:
   ``shifted``, PSI > 0.1 is ``moderate``. With ~75 calibration images the reference itself is
   noisy: PSI between two samples of one distribution is about (bins - 1) / n_calibration
   (0.05 at 5 bins), which is why bins are few and the thresholds the usual 0.1 / 0.25.
+* The calibration is the entry of the precision the scorer computed at (a package holds one
+  per precision, :class:`tfa_ray.calibration.Calibrations`): the one whose threshold the
+  run's rows carry. Rows with no matching entry (an older package) use the fp32 entry.
 * A calibration without normal scores (a package from before they were recorded) makes the
   distribution check ``unavailable``, never an error; so does a category without a model.
 
@@ -38,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from tfa_ray import storage
-from tfa_ray.calibration import Calibration
+from tfa_ray.calibration import REFERENCE_PRECISION, Calibration, Calibrations
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ __all__ = [
     "load_calibrations",
     "psi",
     "run_drift",
+    "scored_precision",
 ]
 
 OK, WARNING, UNAVAILABLE = "ok", "warning", "unavailable"
@@ -253,9 +257,10 @@ def _json_ready(d: dict[str, Any]) -> dict[str, Any]:
 
 def load_calibrations(
     models: dict[str, dict[str, Any]], resolver: Callable[..., tuple[str, int, str]], alias: str
-) -> dict[str, Calibration | str]:
-    """Each category's calibration from the model version the run pinned, or why not."""
-    out: dict[str, Calibration | str] = {}
+) -> dict[str, Calibrations | str]:
+    """Each category's calibrations (one per precision) from the model version the run pinned,
+    or why not."""
+    out: dict[str, Calibrations | str] = {}
     for cat, m in models.items():
         if "error" in m:
             out[cat] = "no model"
@@ -263,21 +268,61 @@ def load_calibrations(
         try:
             _, _, url = resolver(cat, alias, version=m["version"])
             text = storage.read_bytes(storage.join(url, "calibration.json")).decode()
-            out[cat] = Calibration.from_json(text)
+            out[cat] = Calibrations.from_json(text)
         except Exception as e:  # noqa: BLE001 - drift is reported unavailable, never fatal
             out[cat] = f"calibration unavailable: {type(e).__name__}: {e}"
     return out
 
 
+def scored_precision(calibrations: Calibrations, thresholds: set[float]) -> tuple[str, str]:
+    """(precision, note): the entry whose threshold the scorer wrote into the rows, which is
+    the precision it computed at; the fp32 entry, and why, when no single entry matches."""
+    found = {calibrations.precision_of(t) for t in thresholds}
+    if len(found) == 1 and None not in found:
+        return found.pop(), ""
+    return REFERENCE_PRECISION, (
+        f"rows' thresholds {sorted(thresholds)} match no single calibrated precision: "
+        f"compared with the {REFERENCE_PRECISION} calibration"
+    )
+
+
+def _thresholds(dataset, ok_status: str) -> dict[str, set[float]]:
+    """The thresholds the ok rows of each category carry (one pass over two columns)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out: dict[str, set[float]] = {}
+    for batch in dataset.to_batches(columns=["category", "status", "threshold"], use_threads=False):
+        ok = pc.equal(batch.column("status"), ok_status).fill_null(False)
+        rows = batch.filter(ok)
+        cats = _np(pc.cast(rows.column("category"), pa.string()).fill_null("(none)"))
+        thr = _np(rows.column("threshold").fill_null(np.nan)).astype(np.float64)
+        for cat, t in set(zip(cats, thr, strict=True)):
+            if math.isfinite(t):
+                out.setdefault(str(cat), set()).add(float(t))
+    return out
+
+
+def _entry(cal: Calibrations | Calibration | str | None, thresholds: set[float]):
+    """(Calibration or None, its precision, a note) for a category."""
+    if isinstance(cal, Calibration):
+        return cal, REFERENCE_PRECISION, ""
+    if isinstance(cal, Calibrations):
+        precision, note = scored_precision(cal, thresholds)
+        return cal.at(precision), precision, note
+    return None, None, ""
+
+
 def run_drift(
     run_dir: str,
     models: dict[str, dict[str, Any]],
-    calibrations: dict[str, Calibration | str],
+    calibrations: dict[str, Calibrations | Calibration | str],
     endpoint_url: str | None = None,
     rules: DriftRules = DriftRules(),
 ) -> dict[str, Any]:
     """The drift section of a finished run's ``_SUCCESS``: the rules and one entry per
-    category found in the output (ok rows scored, error rows counted)."""
+    category found in the output (ok rows scored, error rows counted), each against the
+    calibration of the precision its rows were scored at."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -287,6 +332,8 @@ def run_drift(
 
     fs, path = storage.get_fs(run_dir, endpoint_url)
     dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA)
+    thresholds = _thresholds(dataset, STATUS_OK)
+    entries = {c: _entry(cal, thresholds.get(c, set())) for c, cal in calibrations.items()}
     accs: dict[str, _Accumulator] = {}
     for batch in dataset.to_batches(
         columns=["category", "status", "score", "is_anomalous"], use_threads=False
@@ -298,20 +345,25 @@ def run_drift(
         for cat in np.unique(cats):
             rows = cats == cat
             if cat not in accs:
-                cal = calibrations.get(cat)
-                ref = cal.normal_scores if isinstance(cal, Calibration) else ()
+                cal = entries.get(cat, (None,))[0]
+                ref = cal.normal_scores if cal is not None else ()
                 accs[cat] = _Accumulator(np.asarray(ref, dtype=np.float64), rules)
             sel = rows & ok
             accs[cat].add(score[sel], int(flag[sel].sum()), int((rows & ~ok).sum()))
     categories = {}
     for cat in sorted(accs):
-        cal = calibrations.get(cat)
+        cal, precision, note = entries.get(cat, (None, None, ""))
         m = models.get(cat, {})
         model = f"{m['name']} v{m['version']}" if "name" in m else None
-        if isinstance(cal, Calibration):
+        if cal is not None:
             categories[cat] = category_drift(accs[cat], cal, model)
+            categories[cat]["precision"] = precision
+            if note:
+                log.warning("drift of %s: %s", cat, note)
+                categories[cat]["precision_note"] = note
         else:
-            categories[cat] = category_drift(accs[cat], None, model, cal or "no model")
+            reason = calibrations.get(cat)
+            categories[cat] = category_drift(accs[cat], None, model, reason or "no model")
     return {"rules": dataclasses.asdict(rules), "categories": categories}
 
 

@@ -5,7 +5,8 @@ A package is a directory (local or any fsspec URL) holding
     weights.safetensors   the Detector's state: backbone, TFA-Net, feature statistics, template
     config.json           the preset (model, anomaly and training configs)
     template.png          the template image as the model saw it (S x S RGB)
-    calibration.json      threshold and score statistics from held-out normal images
+    calibration.json      threshold and score statistics from held-out normal images, one
+                          entry per precision a scorer may compute at (fp32, bf16, fp16)
     meta.json             category, metrics, training facts
 
 It is the local form of the MLflow package: the registry logs this directory as artifacts.
@@ -14,6 +15,7 @@ Loading reads safetensors and JSON only; nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -26,7 +28,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from tfa_ray import storage
-from tfa_ray.calibration import Calibration
+from tfa_ray.calibration import Calibration, Calibrations
 from tfa_ray.config import PRECISIONS, Preset, preset_from_json, preset_to_json
 from tfa_ray.model import Detector
 
@@ -73,6 +75,53 @@ def autocast_dtype(
     return dtype
 
 
+def precision_key(precision: str, device: str | torch.device) -> str:
+    """The calibration entry ``precision`` computes at on ``device``: "fp32", "bf16" or
+    "fp16" (inference: fp16 stays fp16)."""
+    dtype = autocast_dtype(precision, device)
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+class HalfConvOnCpu(torch.overrides.TorchFunctionMode):
+    """fp16 convolutions on a CPU as a GPU's fp16 autocast computes them: operands rounded to
+    fp16, products accumulated in fp32, the result rounded to fp16. A CPU has only a reference
+    kernel for fp16 convolutions (cpu-small's backbone ran 19x slower than in fp32 on two
+    cores); this gives the same numbers at fp32 speed, so the fp16 calibration stays cheap."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.conv2d or not torch.is_autocast_enabled("cpu"):
+            return func(*args, **kwargs)
+        x, weight, *rest = args
+        bias = rest[0] if rest else kwargs.pop("bias", None)
+        rest = rest[1:]
+        half = lambda t: t if t is None else t.to(torch.float16).float()  # noqa: E731
+        with torch.autocast("cpu", enabled=False):
+            out = func(half(x), half(weight), half(bias), *rest, **kwargs)
+        return out.to(torch.float16)
+
+
+def autocast_at(key: str, device: str | torch.device):
+    """The autocast context of a calibration precision (:func:`precision_key`): calibration
+    computes at each precision a scorer may run at, fp16 included (on a CPU with its
+    convolutions as :class:`HalfConvOnCpu` computes them)."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if key not in dtypes:
+        raise ValueError(f"precision must be one of {tuple(dtypes)}, got {key!r}")
+    device = torch.device(device)
+    dtype = dtypes[key]
+    cast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    if dtype is torch.float16 and device.type == "cpu":
+        return _half_on_cpu(cast)
+    return cast
+
+
+@contextlib.contextmanager
+def _half_on_cpu(cast):
+    with cast, HalfConvOnCpu():
+        yield
+
+
 def autocast(precision: str, device: str | torch.device, training: bool = False):
     """The autocast context that ``precision`` means on ``device`` (see :func:`autocast_dtype`):
     the one policy for training, selection, calibration, evaluation and scoring."""
@@ -89,17 +138,32 @@ def is_anomalous(score: float, threshold: float) -> bool:
 
 @dataclass
 class TFAModel:
-    """A trained, calibrated detector ready to score images."""
+    """A trained, calibrated detector ready to score images: ``calibration`` is the entry of
+    the precision ``predict`` computes at on the detector's device."""
 
     detector: Detector
     preset: Preset
-    calibration: Calibration
+    calibrations: Calibrations  # a single Calibration is taken as the fp32 entry
     meta: dict = field(default_factory=dict)
     precision: str = "auto"  # see PRECISIONS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.calibrations, Calibration):
+            self.calibrations = Calibrations.single(self.calibrations)
 
     @property
     def image_size(self) -> int:
         return self.preset.model.image_size
+
+    @property
+    def precision_key(self) -> str:
+        """What ``predict`` computes at now: "fp32", "bf16" or "fp16"."""
+        return precision_key(self.precision, self.detector.template.device)
+
+    @property
+    def calibration(self) -> Calibration:
+        """Threshold, normal scores and heat-map scale at the precision ``predict`` runs at."""
+        return self.calibrations.at(self.precision_key)
 
     def to(self, device: str | torch.device) -> TFAModel:
         self.detector.to(device)
@@ -123,9 +187,16 @@ def template_png(detector: Detector) -> bytes:
 
 
 def save_model(
-    url: str, detector: Detector, preset: Preset, calibration: Calibration, meta: dict | None = None
+    url: str,
+    detector: Detector,
+    preset: Preset,
+    calibration: Calibrations | Calibration,
+    meta: dict | None = None,
 ) -> str:
-    """Write a model package to ``url`` (a directory); returns the url."""
+    """Write a model package to ``url`` (a directory); returns the url. A single
+    ``Calibration`` is written as the fp32 entry."""
+    if isinstance(calibration, Calibration):
+        calibration = Calibrations.single(calibration)
     state = {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()}
     storage.write_bytes(storage.join(url, "weights.safetensors"), save_safetensors(state))
     storage.write_bytes(storage.join(url, "config.json"), preset_to_json(preset).encode())
@@ -152,7 +223,7 @@ def load_model(url: str, device: str | torch.device = "cpu") -> TFAModel:
     state = load_safetensors(storage.read_bytes(storage.join(url, "weights.safetensors")))
     detector.load_state_dict(state, strict=True)
     detector.eval()
-    calibration = Calibration.from_json(
+    calibration = Calibrations.from_json(
         storage.read_bytes(storage.join(url, "calibration.json")).decode()
     )
     meta = json.loads(storage.read_bytes(storage.join(url, "meta.json")))

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from tfa_ray.anomaly import image_score, reconstruction_loss
-from tfa_ray.calibration import Calibration, calibrate
+from tfa_ray.calibration import CALIBRATED_PRECISIONS, Calibrations, calibrate
 from tfa_ray.config import AnomalyConfig, ModelConfig, Preset
+from tfa_ray.data import load_image
 from tfa_ray.metrics import aupro, image_auroc
 from tfa_ray.model import Detector
 from tfa_ray.package import autocast as package_autocast
+from tfa_ray.package import autocast_at
 from tfa_ray.synth import KINDS, LARGE_KINDS, paint_defect
 
 if TYPE_CHECKING:
@@ -266,12 +268,33 @@ def select_inference(
     return dataclasses.replace(preset, model=model_cfg, anomaly=anomaly_cfg), sel, tried
 
 
+@torch.no_grad()
 def calibrate_model(
     detector: Detector, prep: Prepared, preset: Preset, device: torch.device
-) -> Calibration:
-    """Threshold and map scale from the calibration split (the selection split when there is
-    none), through the same fused maps and at the same precision scoring uses."""
-    phi = prep.calib_phi if len(prep.calib_phi) else prep.val_normal_phi
-    maps, _ = predict_evidence(detector, phi, preset, device, preset.train.batch_size)
-    fused, scores = detector.decide(maps, preset.anomaly)
-    return calibrate(scores.numpy(), fused.numpy(), preset.train.target_fpr)
+) -> Calibrations:
+    """Threshold, normal scores and map scale from the calibration split (the selection split
+    when there is none), once for each precision a scorer may compute at (fp32, bf16, fp16),
+    each through the scorer's own path at that precision on ``device``: the images' backbone
+    features, the fused maps and scores under that autocast, the template embedding in fp32
+    (as a scorer caches it at load). A bf16 scorer then compares bf16 scores with a bf16
+    threshold and bf16 normal scores."""
+    size, bs = preset.model.image_size, preset.train.batch_size
+    if prep.calib_paths:  # uint8 as training loads them (load_images_uint8)
+        images = torch.stack([(load_image(p, size) * 255).round().byte() for p in prep.calib_paths])
+    else:
+        images = prep.val.normal
+    detector.eval()  # drops a template embedding cached under another autocast
+    detector.template_embedding()
+    entries = {}
+    for precision in CALIBRATED_PRECISIONS:
+        maps, scores = [], []
+        for i in range(0, len(images), bs):
+            x = images[i : i + bs].to(device).float().div_(255.0)
+            with autocast_at(precision, device):
+                m, s = detector.detect(x, preset.anomaly)
+            maps.append(m.float().cpu())
+            scores.append(s.float().cpu())
+        entries[precision] = calibrate(
+            torch.cat(scores).numpy(), torch.cat(maps).numpy(), preset.train.target_fpr
+        )
+    return Calibrations(entries)

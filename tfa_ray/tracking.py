@@ -146,6 +146,7 @@ def log_training(
             "data_uri": str(params.get("data_uri", "")),
         }
         cal = _read_json(os.path.join(package_dir, "calibration.json"))
+        cal = cal.get("precisions", {}).get("fp32", cal)  # keyed by precision: fp32's is listed
         if "threshold" in cal:
             vtags["threshold"] = repr(float(cal["threshold"]))
         for k, v in (metrics or {}).items():

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tfa_ray.anomaly import reconstruction_loss
-from tfa_ray.calibration import Calibration
+from tfa_ray.calibration import Calibrations
 from tfa_ray.config import Preset
 from tfa_ray.data import CategoryData, check_images, load_image, template_path
 from tfa_ray.distributed import (
@@ -67,7 +67,9 @@ ECHO = functools.partial(print, flush=True)  # progress lines reach logs as they
 class TrainResult:
     detector: Detector
     preset: Preset  # as trained; a score kind of "auto" is resolved to the selected one
-    calibration: Calibration | None  # None on the ranks > 0 of data-parallel training
+    # one entry per precision a scorer may compute at; None on the ranks > 0 of data-parallel
+    # training
+    calibration: Calibrations | None
     template_path: str
     history: list[dict] = field(default_factory=list)
     best_epoch: int = -1
@@ -121,7 +123,6 @@ class Prepared:
     val: ValidationSet
     val_normal_phi: torch.Tensor
     val_anomalous_phi: torch.Tensor
-    calib_phi: torch.Tensor
     corrupt_phi: torch.Tensor | None = None  # denoising inputs (train.denoise_fraction)
 
 
@@ -239,7 +240,6 @@ def prepare(
     val = make_validation_set(
         load_images_uint8(val_paths, size), tcfg.synthetic_per_val, tcfg.seed, tcfg.synthetic_large
     )
-    calib_phi = compute_features(detector, load_images_uint8(calib_paths, size), device)
     prepared = Prepared(
         train_paths=train_paths,
         val_paths=val_paths,
@@ -249,7 +249,6 @@ def prepare(
         val=val,
         val_normal_phi=compute_features(detector, val.normal, device),
         val_anomalous_phi=compute_features(detector, val.anomalous, device),
-        calib_phi=calib_phi,
         corrupt_phi=corrupt_phi,
     )
     echo(f"[{data.category}] backbone features cached in {time.perf_counter() - t_feat:.1f}s")
@@ -480,8 +479,8 @@ def fit(
         f"test passes {preset.model.test_mask_passes} ({preset.model.test_mask_layout}), "
         f"w_rec {preset.anomaly.w_reconstruction:g}, score {preset.anomaly.score} of the "
         f"{preset.anomaly.image_evidence}; threshold "
-        f"{calibration.threshold:.5g} at FPR {tcfg.target_fpr:g} from {calibration.num_images} "
-        f"calibration images; {wall:.0f}s"
+        f"{calibration.at('fp32').threshold:.5g} (fp32) at FPR {tcfg.target_fpr:g} from "
+        f"{calibration.at('fp32').num_images} calibration images; {wall:.0f}s"
     )
     return TrainResult(
         detector=detector.cpu(),
