@@ -40,7 +40,7 @@ def _broken_copies(tiny_model_dir: str, tmp_path) -> dict[str, str]:
     _truncate(os.path.join(out["trunc"], "weights.safetensors"))
     cal_path = os.path.join(out["badcal"], "calibration.json")
     cal = json.load(open(cal_path))
-    cal["threshold"] = "0.5 (tuned)"
+    cal["precisions"]["bf16"]["threshold"] = "0.5 (tuned)"  # one precision's entry broken
     json.dump(cal, open(cal_path, "w"))
     cfg_path = os.path.join(out["badcfg"], "config.json")
     cfg = json.load(open(cfg_path))
@@ -59,7 +59,7 @@ def test_check_package(tiny_model_dir, tmp_path):
     ]:
         with pytest.raises(PackageError, match=why):
             check_package(models[name])
-    flat = json.load(open(os.path.join(tiny_model_dir, "calibration.json")))
+    flat = json.load(open(os.path.join(tiny_model_dir, "calibration.json")))["precisions"]["fp32"]
     check_calibration({"fp32": flat, "bf16": dict(flat, threshold=0.7)})  # keyed by precision
     with pytest.raises(PackageError, match=r"\['bf16'\]: threshold"):
         check_calibration({"fp32": flat, "bf16": dict(flat, threshold=None)})

@@ -15,6 +15,7 @@ import struct
 from typing import Any
 
 from tfa_ray import storage
+from tfa_ray.calibration import Calibrations
 
 # the fields a calibration entry needs as numbers (tfa_ray.calibration.Calibration)
 CALIBRATION_NUMBERS = (
@@ -96,9 +97,14 @@ def check_package(url: str, endpoint_url: str | None = None) -> None:
         preset_from_json(read("config.json").decode())
     except (ValueError, TypeError) as e:  # JSON errors, unknown fields
         raise PackageError(f"config.json: {e}") from None
+    text = read("calibration.json")
     try:
-        calibration = json.loads(read("calibration.json"))
+        calibration = json.loads(text)
     except ValueError as e:
         raise PackageError(f"calibration.json is not JSON: {e}") from None
     check_calibration(calibration)
+    try:  # numbers everywhere, and the structure the loader expects (an fp32 entry, ...)
+        Calibrations.from_json(text.decode())
+    except (ValueError, TypeError, KeyError) as e:
+        raise PackageError(f"calibration.json: {e}") from None
     check_weights(read("weights.safetensors"))
