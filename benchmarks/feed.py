@@ -76,6 +76,7 @@ class StandInModel:
     def __init__(self, model):
         import torch
 
+        self.detector = model.detector  # for the scorer's model cache, which sizes it
         self.calibration, self.image_size = model.calibration, model.image_size
         s = self.image_size
         yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
