@@ -11,8 +11,10 @@ each), made once under ``--workdir`` and reused (64 distinct images, hard-linked
 the pipeline reads every file).
 
 End to end, for each path and shard size: ``tfa_ray.scoring.score`` on local Ray with every core
-(listing, plan, decode tasks, scorer actors, writer, the exactly-once check), images per second
-divided by the cores Ray had: what one core of a GPU node sustains. Only two things are stand-ins:
+(listing, plan, decode tasks, scorer actors, writer, the exactly-once check): the whole run's
+images per second, and the steady rate between the first and the last shard written (a night's
+rate, without a run's fixed start and finish), divided by the cores Ray had: ``per core``,
+what one core of a GPU node sustains. Only two things are stand-ins:
 the model's forward pass (maps of the model's size with a fixed blob, so masks are not empty) and,
 on the encoded path, the device's JPEG decode (nvjpeg's work is the GPU's, not the CPUs').
 
@@ -28,6 +30,7 @@ maps too, and with masks at the image's full resolution.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -107,6 +110,25 @@ def stand_in_scorer():
             return name, version, StandInModel(model)
 
     return StandInScorer
+
+
+def timed_write(batch, log: str, **kwargs):
+    """The real write stage, noting when each shard was done (for the steady-state rate)."""
+    from tfa_ray.scoring import write_shard
+
+    out = write_shard(batch, **kwargs)
+    with open(log, "a") as f:
+        f.write(f"{time.time()} {out['rows'][0]}\n")
+    return out
+
+
+def steady_rate(log: str) -> float:
+    """Images per second between the first and the last shard written: the rate of a long
+    night, without the fixed costs of a run (actor start, model load, plan, verification)."""
+    done = sorted((float(t), int(n)) for t, n in (line.split() for line in open(log)))
+    if len(done) < 2:
+        return float("nan")
+    return sum(n for _, n in done[1:]) / max(done[-1][0] - done[0][0], 1e-9)
 
 
 # ------------------------------------------------------------------------- per stage
@@ -190,14 +212,17 @@ def end_to_end(root: str, n: int, model_dir: str, shard: int, encoded: bool, wor
         gpu_decode="on" if encoded else "off",
         run_id=f"feed-{shard}-{int(encoded)}",
     )
-    stages = scoring.Stages(scorer=stand_in_scorer())
+    log = os.path.join(workdir, f"written-{shard}-{int(encoded)}.txt")
+    if os.path.exists(log):
+        os.remove(log)
+    stages = scoring.Stages(scorer=stand_in_scorer(), write=functools.partial(timed_write, log=log))
     t = time.perf_counter()
     summary = scoring.score(
         cfg, scoring.LocalResolver({"line": model_dir}), lambda _m: None, stages
     )
     wall = time.perf_counter() - t
     assert summary.total == n and summary.ok == n, summary  # every image, exactly once
-    return n / wall, wall
+    return n / wall, steady_rate(log), wall
 
 
 def main() -> None:
@@ -228,28 +253,35 @@ def main() -> None:
 
     size = load_model(model_dir).image_size
 
-    stages = stage_rows(paths, model_dir, size, args.repeats, args.workdir)
+    print(f"\nper stage, one core, images/s (median of {args.repeats}):", flush=True)
+    for label, ips in stage_rows(paths, model_dir, size, args.repeats, args.workdir):
+        print(f"{label:<54} {ips:>9.1f}", flush=True)
+
     torch.set_num_threads(1)  # the driver does little; leave the cores to the pipeline
     ray.init(  # a cluster of its own, never one that happens to run on the machine
         address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False
     )
-    e2e = []
+    cores = args.num_cpus
+    print(f"\nend to end on {cores} CPU core(s), forward pass stood in:")
+    print(
+        f"{'path':<12} {'shard':>6} {'run img/s':>10} {'steady img/s':>13} {'per core':>9} "
+        f"{'wall s':>7}",
+        flush=True,
+    )
     try:
         for encoded in (True, False):
             for shard in (int(s) for s in args.shard_sizes.split(",")):
-                ips, wall = end_to_end(root, len(paths), model_dir, shard, encoded, args.workdir)
-                e2e.append(("encoded" if encoded else "cpu decode", shard, ips, wall))
+                ips, steady, wall = end_to_end(
+                    root, len(paths), model_dir, shard, encoded, args.workdir
+                )
+                path = "encoded" if encoded else "cpu decode"
+                print(
+                    f"{path:<12} {shard:>6} {ips:>10.1f} {steady:>13.1f} {steady / cores:>9.1f} "
+                    f"{wall:>7.1f}",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
-
-    cores = args.num_cpus
-    print(f"\nend to end on {cores} CPU core(s), forward pass stood in:")
-    print(f"{'path':<12} {'shard':>6} {'images/s':>9} {'per core':>9} {'wall s':>8}")
-    for path, shard, ips, wall in e2e:
-        print(f"{path:<12} {shard:>6} {ips:>9.1f} {ips / cores:>9.1f} {wall:>8.1f}")
-    print(f"\nper stage, one core, images/s (median of {args.repeats}):")
-    for label, ips in stages:
-        print(f"{label:<54} {ips:>9.1f}")
     print(
         f"\n{len(paths)} JPEGs {args.width} x {args.height} (half grey, half RGB), model input "
         f"{size} px, masks at map resolution unless noted"

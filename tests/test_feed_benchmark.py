@@ -23,7 +23,7 @@ def test_feed_benchmark_runs_at_toy_size(tmp_path):
             "--num-images",
             "12",
             "--shard-sizes",
-            "4,8",
+            "4",
             "--width",
             "320",
             "--height",
@@ -43,8 +43,7 @@ def test_feed_benchmark_runs_at_toy_size(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     table = out.stdout
     for path in ("encoded", "cpu decode"):
-        for shard in (4, 8):
-            row = re.search(rf"^{path}\s+{shard}\s+([\d.]+)\s+([\d.]+)", table, re.M)
-            assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0, table
+        row = re.search(rf"^{path}\s+4\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", table, re.M)
+        assert row and min(float(v) for v in row.groups()) > 0, table
     for stage in ("read the file", "header check", "write: masks at map resolution"):
         assert re.search(rf"^{re.escape(stage)}.*\s([\d.]+)$", table, re.M), table
