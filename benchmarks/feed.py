@@ -12,8 +12,9 @@ the pipeline reads every file).
 
 End to end, for each path and shard size: ``tfa_ray.scoring.score`` on local Ray with every core
 (listing, plan, decode tasks, scorer actors, writer, the exactly-once check): the whole run's
-images per second, and the steady rate between the first and the last shard written (a night's
-rate, without a run's fixed start and finish), divided by the cores Ray had: ``per core``,
+images per second, and the steady rate: (N - n) / (t_N - t_n) from a run of all N images and
+one of a single shard's n, which share the fixed start and finish (actor start, model load,
+plan, verification), so the rate of a long night; divided by the cores Ray had: ``per core``,
 what one core of a GPU node sustains. Only two things are stand-ins:
 the model's forward pass (maps of the model's size with a fixed blob, so masks are not empty) and,
 on the encoded path, the device's JPEG decode (nvjpeg's work is the GPU's, not the CPUs').
@@ -30,7 +31,6 @@ maps too, and with masks at the image's full resolution.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -112,25 +112,6 @@ def stand_in_scorer():
     return StandInScorer
 
 
-def timed_write(batch, log: str, **kwargs):
-    """The real write stage, noting when each shard was done (for the steady-state rate)."""
-    from tfa_ray.scoring import write_shard
-
-    out = write_shard(batch, **kwargs)
-    with open(log, "a") as f:
-        f.write(f"{time.time()} {out['rows'][0]}\n")
-    return out
-
-
-def steady_rate(log: str) -> float:
-    """Images per second between the first and the last shard written: the rate of a long
-    night, without the fixed costs of a run (actor start, model load, plan, verification)."""
-    done = sorted((float(t), int(n)) for t, n in (line.split() for line in open(log)))
-    if len(done) < 2:
-        return float("nan")
-    return sum(n for _, n in done[1:]) / max(done[-1][0] - done[0][0], 1e-9)
-
-
 # ------------------------------------------------------------------------- per stage
 
 
@@ -199,30 +180,41 @@ def stage_rows(paths: list[str], model_dir: str, size: int, repeats: int, workdi
 # ------------------------------------------------------------------------- end to end
 
 
-def end_to_end(root: str, n: int, model_dir: str, shard: int, encoded: bool, workdir: str):
+def end_to_end(
+    root: str, paths: list[str], model_dir: str, shard: int, encoded: bool, workdir: str
+):
+    """(run images/s, steady images/s, wall s): ``score`` on all of ``paths``, and on one shard's
+    worth of them (same fixed costs: actor start, model load, plan, verification); the steady
+    rate is the difference of the two, the rate of a long night."""
     from tfa_ray import scoring
 
-    out = os.path.join(workdir, "out")
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = scoring.ScoreConfig(
-        input=root,
-        output=out,
-        category="line",
-        shard_size=shard,
-        gpu_decode="on" if encoded else "off",
-        run_id=f"feed-{shard}-{int(encoded)}",
-    )
-    log = os.path.join(workdir, f"written-{shard}-{int(encoded)}.txt")
-    if os.path.exists(log):
-        os.remove(log)
-    stages = scoring.Stages(scorer=stand_in_scorer(), write=functools.partial(timed_write, log=log))
-    t = time.perf_counter()
-    summary = scoring.score(
-        cfg, scoring.LocalResolver({"line": model_dir}), lambda _m: None, stages
-    )
-    wall = time.perf_counter() - t
-    assert summary.total == n and summary.ok == n, summary  # every image, exactly once
-    return n / wall, steady_rate(log), wall
+    def run(n: int) -> float:
+        src = os.path.join(workdir, f"input-{os.path.basename(root)}-{n}")
+        if not os.path.isdir(src):  # the first n images, linked, as an input prefix
+            os.makedirs(os.path.join(src, "line"))
+            for p in paths[:n]:
+                os.link(p, os.path.join(src, "line", os.path.basename(p)))
+        out = os.path.join(workdir, "out")
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = scoring.ScoreConfig(
+            input=src,
+            output=out,
+            category="line",
+            shard_size=shard,
+            gpu_decode="on" if encoded else "off",
+            run_id=f"feed-{n}-{shard}-{int(encoded)}",
+        )
+        stages = scoring.Stages(scorer=stand_in_scorer())
+        resolver = scoring.LocalResolver({"line": model_dir})
+        t = time.perf_counter()
+        summary = scoring.score(cfg, resolver, echo=lambda _m: None, stages=stages)
+        wall = time.perf_counter() - t
+        assert summary.total == n and summary.ok == n, summary  # every image, exactly once
+        return wall
+
+    n = len(paths)
+    one, wall = run(min(shard, n // 2)), run(n)
+    return n / wall, (n - min(shard, n // 2)) / max(wall - one, 1e-9), wall
 
 
 def main() -> None:
@@ -271,9 +263,7 @@ def main() -> None:
     try:
         for encoded in (True, False):
             for shard in (int(s) for s in args.shard_sizes.split(",")):
-                ips, steady, wall = end_to_end(
-                    root, len(paths), model_dir, shard, encoded, args.workdir
-                )
+                ips, steady, wall = end_to_end(root, paths, model_dir, shard, encoded, args.workdir)
                 path = "encoded" if encoded else "cpu decode"
                 print(
                     f"{path:<12} {shard:>6} {ips:>10.1f} {steady:>13.1f} {steady / cores:>9.1f} "
