@@ -270,3 +270,13 @@ def fault_proxy():
     yield make
     for p in proxies:
         p.close()
+
+
+@pytest.fixture
+def sim_cuda() -> Iterator[None]:
+    """A simulated CUDA device (tests/simcuda.py): ``torch.cuda.is_available()`` is true and
+    ``cuda`` tensors keep their data on the CPU but refuse what a real GPU refuses."""
+    from simcuda import simulated_cuda
+
+    with simulated_cuda():
+        yield

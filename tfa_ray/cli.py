@@ -173,7 +173,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tfa_ray.data import discover
-    from tfa_ray.evaluation import evaluate_model
+    from tfa_ray.evaluation import evaluate_model, pick_device
     from tfa_ray.package import load_model
     from tfa_ray.registry import resolve_uri
 
@@ -181,7 +181,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model_dir = resolve_uri(args.model)  # a directory, or models:/NAME@ALIAS, models:/NAME/N
     except LookupError as e:
         raise ValueError(str(e)) from None
-    model = load_model(model_dir, device=args.device or "cpu")
+    model = load_model(model_dir, device=pick_device(args.device))
     category = args.category or model.meta.get("category")
     data = discover(args.data, category)
     result = evaluate_model(model, data, maps_dir=args.maps)
@@ -304,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--category")
     e.add_argument("--json", help="write the metrics to this JSON file")
     e.add_argument("--maps", help="save image / heat map / mask overlays to this directory")
-    e.add_argument("--device")
+    e.add_argument(
+        "--device", default="auto", help="auto (cuda when available, like train), cpu or cuda"
+    )
     e.set_defaults(func=cmd_evaluate)
 
     m = sub.add_parser("models", help="registered models: list, show")

@@ -28,6 +28,17 @@ class Evaluation:
     seconds: float
 
 
+def pick_device(name: str | None = "auto") -> torch.device:
+    """``auto`` (or None): the GPU when one is present, as training picks it; else as named
+    (``cpu``, ``cuda``, ``cuda:1``)."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here")
+    return device
+
+
 def evaluate_model(
     model: TFAModel,
     data: CategoryData,

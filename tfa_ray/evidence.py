@@ -49,8 +49,8 @@ class GaussianEvidence(nn.Module):
         self.register_buffer("precision", torch.eye(c).repeat(size * size, 1, 1))
 
     def _positions(self, phi: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (P, B, c) in float64 for the fit, float32 otherwise."""
-        x = pooled(phi.float(), self.size)[:, self.channel_index]
+        """(B, C, H, W) -> (P, B, c) on the buffers' device (cached features live on the CPU)."""
+        x = pooled(phi.to(self.channel_index.device).float(), self.size)[:, self.channel_index]
         return x.flatten(2).permute(2, 0, 1)
 
     @torch.no_grad()
@@ -58,8 +58,9 @@ class GaussianEvidence(nn.Module):
         """Fit on an iterable of (B, C, H, W) normal feature batches (two passes are not needed:
         sums of x and x x^T in float64)."""
         P, c = self.mean.shape
-        total = torch.zeros(P, c, dtype=torch.float64)
-        total_sq = torch.zeros(P, c, c, dtype=torch.float64)
+        dev = self.mean.device
+        total = torch.zeros(P, c, dtype=torch.float64, device=dev)
+        total_sq = torch.zeros(P, c, c, dtype=torch.float64, device=dev)
         n = 0
         for phi in batches:
             x = self._positions(phi).double()
@@ -71,10 +72,10 @@ class GaussianEvidence(nn.Module):
         mean = total / n
         cov = total_sq / n - torch.einsum("pc,pd->pcd", mean, mean)
         scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-6)
-        eye = torch.eye(c, dtype=torch.float64)
+        eye = torch.eye(c, dtype=torch.float64, device=dev)
         cov = (1 - self.shrinkage) * cov + self.shrinkage * scale[:, None, None] * eye
         # numpy's batched inverse: torch's MKL batched LU fails on some CPU builds
-        precision = torch.from_numpy(np.linalg.inv(cov.numpy()))
+        precision = torch.from_numpy(np.linalg.inv(cov.cpu().numpy()))
         self.mean.copy_(mean.float())
         self.precision.copy_(precision.float())
         return self
@@ -97,7 +98,7 @@ def greedy_coreset(
     g = torch.Generator().manual_seed(seed)
     z = x.float()
     if z.shape[1] > proj_dim:
-        z = z @ (torch.randn(z.shape[1], proj_dim, generator=g) / proj_dim**0.5)
+        z = z @ (torch.randn(z.shape[1], proj_dim, generator=g) / proj_dim**0.5).to(z.device)
     sq = z.pow(2).sum(1)
 
     def dist_to(i: int) -> torch.Tensor:  # |z - z_i|^2 as one matrix-vector product
@@ -122,7 +123,7 @@ class KNNEvidence(nn.Module):
         self.register_buffer("bank", torch.zeros(memory, in_channels))
 
     def _patches(self, phi: torch.Tensor) -> torch.Tensor:
-        x = pooled(phi.float(), self.size)
+        x = pooled(phi.to(self.bank.device).float(), self.size)
         if self.local > 1:
             x = F.avg_pool2d(x, self.local, 1, self.local // 2, count_include_pad=False)
         return x.flatten(2).transpose(1, 2)  # (B, P, C)
@@ -173,10 +174,12 @@ class MapNorm(nn.Module):
         if flat.numel() > 4_000_000:  # quantile() has a size limit; a seeded sample is plenty
             g = torch.Generator().manual_seed(0)
             flat = flat[torch.randint(flat.numel(), (4_000_000,), generator=g)]
-        low, high = torch.quantile(flat, torch.tensor([0.5, self.q]))
+        low, high = torch.quantile(flat, torch.tensor([0.5, self.q], device=flat.device))
         self.low.fill_(float(low))
         self.high.fill_(float(max(high, low + 1e-12)))
         return self
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        return (maps - self.low) / (self.high - self.low)
+        """On the maps' device (selection and calibration fuse maps gathered on the CPU)."""
+        low, high = self.low.to(maps.device), self.high.to(maps.device)
+        return (maps - low) / (high - low)

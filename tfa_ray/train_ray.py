@@ -59,6 +59,7 @@ class RaySettings:
     # The workers' torch device: default the worker's GPU with use_gpu, else the CPU. "cpu" with
     # use_gpu schedules on (logical) GPUs but computes on the CPU: tests of the GPU scheduling.
     device: str | None = None
+    backend: str | None = None  # the process group's; default NCCL with GPUs, else gloo
 
 
 @dataclass
@@ -165,16 +166,11 @@ def worker_loop(config: dict) -> None:
         if saved_best[0] != previous and previous > 0:  # no checkpoint to resume names it now
             best.remove(previous)
 
-    wrap = None
-    if world > 1:
+    def wrap(net):  # data parallel: DDP
+        return train.torch.prepare_model(net, move_to_device=False)
 
-        def wrap(net):
-            return train.torch.prepare_model(net, move_to_device=False)
-
-    if config.get("device"):
-        device = torch.device(config["device"])
-    else:
-        device = train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+    device = torch.device(config["device"]) if config.get("device") else None
+    device = device or (train.torch.get_device() if config.get("use_gpu") else torch.device("cpu"))
 
     def on_epoch_end(record: dict) -> None:
         # fit's train_loss is this worker's shard only; log the mean over the workers (the loss
@@ -196,7 +192,7 @@ def worker_loop(config: dict) -> None:
         on_epoch_end=on_epoch_end,
         resume_state=resume,
         on_checkpoint=on_checkpoint,
-        wrap_model=wrap,
+        wrap_model=wrap if world > 1 else None,
         shard=(rank, world) if world > 1 else None,
     )
     summary = {
@@ -309,8 +305,10 @@ def train_one(
             "endpoint_url": settings.endpoint_url,
             "best_dir": best_dir,
         },
-        # NCCL with GPUs; gloo when the tensors live on the CPU (settings.device "cpu")
-        torch_config=TorchConfig(backend="gloo") if settings.device == "cpu" else None,
+        # NCCL with GPUs; gloo when the tensors live on the CPU (device "cpu") or when asked
+        torch_config=TorchConfig(backend=settings.backend or "gloo")
+        if settings.device == "cpu" or settings.backend
+        else None,
         scaling_config=ScalingConfig(
             num_workers=settings.num_workers,
             use_gpu=settings.use_gpu,

@@ -30,7 +30,23 @@ from tfa_ray.anomaly import reconstruction_loss
 from tfa_ray.calibration import Calibration
 from tfa_ray.config import Preset
 from tfa_ray.data import CategoryData, check_images, load_image, template_path
+from tfa_ray.distributed import (
+    active,
+    agreed_seconds,
+    agreed_stop,
+    broadcast_cache,
+    broadcast_object,
+    broadcast_training_state,
+    shard_batch,
+)
 from tfa_ray.evidence import greedy_coreset
+from tfa_ray.features import (
+    BatchLoader,
+    compute_features,
+    feature_statistics,
+    load_images_uint8,
+    standardize_,
+)
 from tfa_ray.model import Detector, dual_masks
 from tfa_ray.selection import (
     ValidationSet,
@@ -51,7 +67,7 @@ ECHO = functools.partial(print, flush=True)  # progress lines reach logs as they
 class TrainResult:
     detector: Detector
     preset: Preset  # as trained; a score kind of "auto" is resolved to the selected one
-    calibration: Calibration
+    calibration: Calibration | None  # None on the ranks > 0 of data-parallel training
     template_path: str
     history: list[dict] = field(default_factory=list)
     best_epoch: int = -1
@@ -61,58 +77,6 @@ class TrainResult:
     num_val: int = 0  # selection split
     num_calib: int = 0  # calibration split
     selection: dict = field(default_factory=dict)  # every inference variant tried, and its score
-
-
-def load_images_uint8(paths: list[str], size: int) -> torch.Tensor:
-    """(N, 3, S, S) uint8: a quarter of the memory of float images for the whole training set."""
-    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    for i, p in enumerate(paths):
-        out[i] = (load_image(p, size) * 255).round().to(torch.uint8)
-    return out
-
-
-def to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return batch.to(device, non_blocking=True).float().div_(255.0)
-
-
-@torch.no_grad()
-def compute_features(
-    detector: Detector, images: torch.Tensor, device: torch.device, batch_size: int = 32
-) -> torch.Tensor:
-    """phi for a uint8 image tensor, in batches, kept as float16 on the CPU (empty for none)."""
-    out = [torch.empty(0, dtype=torch.float16)]
-    for i in range(0, len(images), batch_size):
-        out.append(detector.features(to_float(images[i : i + batch_size], device)).half().cpu())
-    return torch.cat(out[1:]) if len(out) > 1 else out[0]
-
-
-@torch.no_grad()
-def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over all images and positions (float64 accumulation)."""
-    c = features.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    total_sq = torch.zeros(c, dtype=torch.float64)
-    count = 0
-    for chunk in features.split(64):
-        x = chunk.double().transpose(0, 1).reshape(c, -1)
-        total += x.sum(1)
-        total_sq += (x * x).sum(1)
-        count += x.shape[1]
-    mean = total / count
-    std = (total_sq / count - mean**2).clamp_min(0).sqrt()
-    return mean.float(), std.float()
-
-
-def agreed_seconds(seconds: float, device: torch.device, distributed: bool) -> float:
-    """Under data parallelism every worker must follow the same clock (learning rate, time
-    budget stop), or their steps drift apart: take the slowest worker's."""
-    if not (
-        distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
-    ):
-        return seconds
-    t = torch.tensor([seconds], dtype=torch.float64, device=device)  # NCCL needs CUDA tensors
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return float(t.item())
 
 
 def learning_rate(base: float, progress: float, warmup: float = 0.05) -> float:
@@ -143,14 +107,6 @@ def validate(
     rec = "reconstruction"
     sel, parts = selection_score(maps_n[rec], maps_a[rec], val.masks, preset.anomaly)
     return sel, parts, val_loss
-
-
-def shard_batch(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Worker ``rank``'s share of a global batch (strided, like DistributedSampler). A batch
-    smaller than the world is wrapped around so every worker steps (DDP needs all of them)."""
-    if len(batch) < world_size:
-        return batch[rank % len(batch) : rank % len(batch) + 1]
-    return batch[rank::world_size]
 
 
 @dataclass
@@ -262,9 +218,7 @@ def prepare(
     if cfg.standardize_features:
         mean, std = feature_statistics(train_phi)
         detector.set_feature_stats(mean.to(device), std.to(device))
-        train_phi = (
-            (train_phi.float() - mean[:, None, None]) / std.clamp_min(1e-6)[:, None, None]
-        ).half()
+        train_phi = standardize_(train_phi, mean, std)
     if cfg.num_templates > 1:
         bank = pick_templates(tpl, train_paths, train_phi, cfg.num_templates)
         detector.set_templates(torch.stack([load_image(p, size) for p in bank]).to(device))
@@ -300,6 +254,24 @@ def prepare(
     )
     echo(f"[{data.category}] backbone features cached in {time.perf_counter() - t_feat:.1f}s")
     return prepared
+
+
+def share_prepared(prep: Prepared | None, detector: Detector, device: torch.device) -> Prepared:
+    """Rank 0's preparation on every rank: the training cache and the detector state the loss
+    reads (the held-out splits stay with rank 0, which alone validates, selects, calibrates)."""
+    lead = prep is not None
+    paths = broadcast_object(
+        (prep.train_paths, prep.val_paths, prep.calib_paths, prep.template_path) if lead else None,
+        device,
+    )
+    broadcast_training_state(detector, device)
+    train_phi = broadcast_cache(prep.train_phi if lead else None, device)
+    corrupt_phi = broadcast_cache(prep.corrupt_phi if lead else None, device)
+    if lead:
+        return prep
+    none = torch.empty(0, dtype=torch.float16)
+    val = ValidationSet(torch.empty(0, 3, 1, 1, dtype=torch.uint8), none, none)
+    return Prepared(*paths, train_phi, val, none, none, none, corrupt_phi)
 
 
 def token_weights(visible: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
@@ -355,6 +327,8 @@ def train_epochs(
     steps_per_epoch = math.ceil(len(prep.train_phi) / tcfg.batch_size)
     total_steps = tcfg.epochs * steps_per_epoch
     distributed = shard is not None
+    lead = not active(shard) or shard[0] == 0  # rank 0 validates and decides; the others train
+    load = BatchLoader(prep.train_phi, device)
     t_train = time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0)
     if shard is not None:  # data parallel: each worker draws its own input-token masks
         torch.manual_seed(tcfg.seed + 1 + shard[0])
@@ -368,7 +342,7 @@ def train_epochs(
             batch = order[i : i + tcfg.batch_size]
             if shard is not None:  # data parallel: this worker's share of the global batch
                 batch = shard_batch(batch, *shard)
-            phi = prep.train_phi[batch].to(device).float()
+            phi = load(batch)
             phi_in = phi
             if prep.corrupt_phi is not None:  # these inputs carry a defect; target stays clean
                 noisy = torch.rand(len(batch)) < tcfg.denoise_fraction
@@ -393,9 +367,11 @@ def train_epochs(
         state.epoch = epoch + 1
 
         detector.eval()
-        sel, parts, val_loss = validate(
-            detector, prep.val, prep.val_normal_phi, prep.val_anomalous_phi, preset, device
-        )
+        sel, parts, val_loss = math.nan, {"val_image_auroc": math.nan, "val_aupro": math.nan}, 0.0
+        if lead:
+            sel, parts, val_loss = validate(
+                detector, prep.val, prep.val_normal_phi, prep.val_anomalous_phi, preset, device
+            )
         elapsed = time.perf_counter() - t_train
         record = {
             "epoch": epoch + 1,
@@ -407,12 +383,12 @@ def train_epochs(
             "elapsed_s": elapsed,
         }
         state.history.append(record)
-        improved = state.record_best(sel, parts["score_kind"])
+        improved = lead and state.record_best(sel, parts["score_kind"])
         if tcfg.epochs:
             eta = elapsed / (epoch + 1) * (tcfg.epochs - epoch - 1)
         else:
             eta = max(tcfg.time_budget_s - elapsed, 0.0)
-        echo(
+        (echo if lead else lambda _line: None)(
             f"[{category}] epoch {epoch + 1}{f'/{tcfg.epochs}' if tcfg.epochs else ''} "
             f"loss {record['train_loss']:.4f} val_loss {val_loss:.4f} select {sel:.4f} "
             f"(img {parts['val_image_auroc']:.3f} pro {parts['val_aupro']:.3f})"
@@ -422,7 +398,8 @@ def train_epochs(
             on_epoch_end(record)
         if on_checkpoint is not None:
             on_checkpoint(state.checkpoint())
-        if tcfg.patience and epoch + 1 - state.best_epoch >= tcfg.patience:
+        flat = lead and tcfg.patience and epoch + 1 - state.best_epoch >= tcfg.patience
+        if agreed_stop(bool(flat), device, distributed):  # every rank stops at this epoch
             echo(f"[{category}] early stop: selection flat for {tcfg.patience} epochs")
             break
         used = agreed_seconds(elapsed, device, distributed) if tcfg.time_budget_s else 0.0
@@ -458,7 +435,10 @@ def fit(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(tcfg.seed)
     detector = Detector(preset.model).to(device)
-    prep = prepare(data, preset, detector, device, template, skip_bad, echo)
+    lead = not active(shard) or shard[0] == 0
+    prep = prepare(data, preset, detector, device, template, skip_bad, echo) if lead else None
+    if active(shard):  # data parallel: rank 0 prepared, the others receive what they train on
+        prep = share_prepared(prep, detector, device)
 
     optimizer = torch.optim.AdamW(
         detector.net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay
@@ -480,6 +460,16 @@ def fit(
         shard,
     )
 
+    if not lead:  # rank 0 selects and calibrates (alone: no collectives from here on)
+        return TrainResult(
+            detector=detector.cpu(),
+            preset=preset,
+            calibration=None,
+            template_path=prep.template_path,
+            history=state.history,
+            wall_time_s=time.perf_counter() - t_start,
+            num_train=len(prep.train_paths),
+        )
     detector.net.load_state_dict(state.best_net)
     detector.eval()
     preset, sel, tried = select_inference(state, prep, preset, device, data.category, echo)
