@@ -14,7 +14,8 @@ import argparse
 import logging
 import sys
 
-from tfa_ray.cli import run_score
+from tfa_ray.cli import run_score, score_exit_code
+from tfa_ray.errors import EXIT_FAILED, EXIT_USAGE, one_line
 from tfa_ray.scoring import add_score_arguments
 
 
@@ -29,10 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         summary = run_score(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"score: error: {exc}", file=sys.stderr)
-        return 2
-    return 0 if summary.total else 1
+    except Exception as exc:  # noqa: BLE001 - one line; the traceback in Ray's job log
+        logging.getLogger("jobs.score").info("score failed", exc_info=exc)
+        print(f"score: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, FileNotFoundError | ValueError) else EXIT_FAILED
+    return score_exit_code(summary)
 
 
 if __name__ == "__main__":

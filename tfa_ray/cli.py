@@ -1,4 +1,4 @@
-"""`tfa-ray` command line: train, evaluate, synth."""
+"""`tfa-ray` command line: train, register, evaluate, score, synth."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import sys
 import time
 
 from tfa_ray.config import PRESETS, get_preset
+from tfa_ray.errors import EXIT_ERROR_ROWS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, one_line
+
+log = logging.getLogger(__name__)
 
 
 def metrics_table(metrics: dict, title: str = "") -> str:
@@ -171,6 +174,22 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register a package that is already trained: one a training job kept when the registry
+    failed, or one trained elsewhere."""
+    from tfa_ray import registry
+    from tfa_ray.train_register import register_package
+
+    mv = register_package(args.package, args.category, prefix=args.prefix)
+    print(f"registered {mv.name} version {mv.version} (alias candidate) from {args.package}")
+    if args.promote_if_better:
+        _, why = registry.promote_if_better(
+            args.category, args.promote_if_better, version=mv.version, prefix=args.prefix
+        )
+        print(why)
+    return EXIT_OK
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tfa_ray.data import discover
     from tfa_ray.evaluation import evaluate_model, pick_device
@@ -216,8 +235,15 @@ def run_score(args: argparse.Namespace):
     return summary
 
 
+def score_exit_code(summary) -> int:
+    """0: every input ok; 3: finished with error rows; 1: nothing was scored."""
+    if not summary.total:
+        return EXIT_FAILED
+    return EXIT_ERROR_ROWS if summary.error else EXIT_OK
+
+
 def cmd_score(args: argparse.Namespace) -> int:
-    return 0 if run_score(args).total else 1
+    return score_exit_code(run_score(args))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -327,6 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.set_defaults(func=cmd_promote)
 
+    rg = sub.add_parser(
+        "register", help="register a trained package (kept by a training job, or from elsewhere)"
+    )
+    rg.add_argument("--package", required=True, help="package directory or s3:// URL")
+    rg.add_argument("--category", required=True)
+    rg.add_argument("--prefix", default="tfa-")
+    rg.add_argument(
+        "--promote-if-better", metavar="METRIC", help="make champion if METRIC >= champion's"
+    )
+    rg.set_defaults(func=cmd_register)
+
     s = sub.add_parser("synth", help="write a small procedural dataset in MVTec AD layout")
     s.add_argument("--output", required=True)
     s.add_argument("--seed", type=int, default=0)
@@ -376,6 +413,7 @@ def setup_logging(verbose: bool, log_file: str) -> list[logging.Handler]:
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     console.setLevel(logging.INFO if verbose else logging.WARNING)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     root.addHandler(file_handler)
@@ -401,9 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     handlers = setup_logging(args.verbose, log_file)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"tfa-ray {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted", exc_info=True, extra={"file_only": True})
+        print(f"tfa-ray {args.command}: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - every failure: one line here, the rest in the log
+        usage = isinstance(exc, FileNotFoundError | ValueError)
+        log.error("%s failed", args.command, exc_info=exc, extra={"file_only": True})
+        print(f"tfa-ray {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE if usage else EXIT_FAILED
     finally:
         for handler in handlers:
             logging.getLogger().removeHandler(handler)

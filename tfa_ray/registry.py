@@ -14,6 +14,7 @@ Tracking URI: ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the worki
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -219,6 +220,41 @@ def _complete(package_dir: str) -> bool:
     return all(os.path.isfile(os.path.join(package_dir, f)) for f in FILES)
 
 
+FILES_RECORD = "files.json"  # beside the cached package: its files' sizes and SHA-256
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _record(package_dir: str) -> dict[str, list]:
+    """{file: [size, sha256]} of every file in a package directory."""
+    paths = {n: os.path.join(package_dir, n) for n in sorted(os.listdir(package_dir))}
+    return {n: [os.path.getsize(p), _digest(p)] for n, p in paths.items() if os.path.isfile(p)}
+
+
+def _verified(package_dir: str) -> bool:
+    """The cached package is what was downloaded: every file recorded at download time has its
+    size and content hash (a copy truncated or changed on this disk is fetched again)."""
+    try:
+        with open(os.path.join(os.path.dirname(package_dir), FILES_RECORD)) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not _complete(package_dir):
+        return False
+    for name, (size, sha) in recorded.items():
+        path = os.path.join(package_dir, name)
+        try:
+            if os.path.getsize(path) != size or _digest(path) != sha:
+                log.warning("cached %s does not match its download: fetching it again", path)
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def _package_subpath(model_dir: str) -> str:
     """Where the pyfunc model keeps its ``package`` artifact (from its MLmodel file)."""
     import yaml
@@ -240,9 +276,11 @@ def download_version(name: str, version: int, uri: str | None = None, ident: str
 
     Cached in memory and on disk under :func:`cache_root` per (tracking URI, name, version,
     ``ident``): a registered version's files never change, so a cached copy is valid as long
-    as it is the same version. ``ident`` (:func:`version_ident`) tells it from an earlier
-    version of the same name and number in a registry recreated at the same URI (a rerun
-    demo), whose cached files would otherwise be served. The download lands in a temporary
+    as it is the same version and its files still have the sizes and SHA-256 recorded at
+    download (``files.json``; a copy damaged on this disk is fetched again). ``ident``
+    (:func:`version_ident`) tells it from an earlier version of the same name and number in
+    a registry recreated at the same URI (a rerun demo), whose cached files would otherwise
+    be served. The download lands in a temporary
     directory renamed into place, so readers never see half a package."""
     import mlflow
 
@@ -250,13 +288,13 @@ def download_version(name: str, version: int, uri: str | None = None, ident: str
     key = (uri, name, int(version), ident)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
-    if hit and _complete(hit):
+    if hit and _verified(hit):
         return hit
     digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
     leaf = f"{int(version)}-{ident}" if ident else str(int(version))
     target = os.path.join(cache_root(), digest, name, leaf)
     pkg = os.path.join(target, "package")
-    if not _complete(pkg):
+    if not _verified(pkg):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{version}-", dir=os.path.dirname(target))
         try:
@@ -270,11 +308,15 @@ def download_version(name: str, version: int, uri: str | None = None, ident: str
                 raise RegistryError(f"{name} v{version} does not hold a tfa-ray package")
             shutil.move(src, os.path.join(tmp, "package"))
             shutil.rmtree(os.path.join(tmp, "m"), ignore_errors=True)
+            with open(os.path.join(tmp, FILES_RECORD), "w") as f:
+                json.dump(_record(os.path.join(tmp, "package")), f)
             try:
                 os.rename(tmp, target)
-            except OSError:  # another process won the race (or a stale partial target)
-                if not _complete(pkg):
-                    shutil.rmtree(target, ignore_errors=True)
+            except OSError:  # another process won the race, or a stale / corrupt copy
+                if not _verified(pkg):
+                    stale = f"{target}.stale-{os.getpid()}-{time.monotonic_ns()}"
+                    os.rename(target, stale)  # out of the way in one step, then removed
+                    shutil.rmtree(stale, ignore_errors=True)
                     os.rename(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -21,11 +21,15 @@ __all__ = [
     "get_fs",
     "is_dir",
     "is_local",
+    "is_s3",
     "join",
     "list_dirs",
     "list_files",
     "normalize",
+    "put_file",
     "read_bytes",
+    "require_bucket",
+    "split_bucket",
     "remove",
     "write_bytes",
 ]
@@ -45,6 +49,11 @@ def _split(url: str) -> tuple[str, str]:
 def is_local(url: str) -> bool:
     """True for plain paths and ``file://`` URLs."""
     return _split(url)[0] in _LOCAL_PROTOCOLS
+
+
+def is_s3(url: str) -> bool:
+    """True for ``s3://`` / ``s3a://`` URLs."""
+    return _split(url)[0] in _S3_PROTOCOLS
 
 
 def _endpoint(endpoint_url: str | None) -> str | None:
@@ -120,6 +129,35 @@ def _where(url: str, endpoint_url: str | None = None) -> str:
     return url
 
 
+def split_bucket(url: str) -> tuple[str, str]:
+    """(bucket, key) of an object-store URL; ``ValueError`` naming the URL when it names no
+    bucket (``s3://``, ``s3:///key``): such a URL would list, or write to, whatever bucket the
+    credentials happen to reach."""
+    protocol, rest = _split(url)
+    bucket, _, key = rest.partition("/")
+    if not bucket or bucket in (".", ".."):
+        raise ValueError(f"{url!r} names no bucket: write {protocol}://BUCKET/PREFIX")
+    return bucket, key
+
+
+def require_bucket(url: str, endpoint_url: str | None = None) -> None:
+    """Raise ``ValueError`` unless an object-store URL names a bucket that exists (local paths
+    pass). tfa-ray never creates a bucket: a typo must not become a new bucket."""
+    if _split(url)[0] not in _S3_PROTOCOLS:
+        return
+    bucket, _ = split_bucket(url)
+    fs, _ = get_fs(url, endpoint_url)
+    try:
+        found = fs.exists(bucket)
+    except PermissionError:  # listing buckets may be forbidden; a bucket we can reach is fine
+        found = True
+    if not found:
+        raise ValueError(
+            f"bucket {bucket!r} of {_where(url, endpoint_url)} does not exist: create it first "
+            "(tfa-ray never creates buckets)"
+        )
+
+
 def normalize(url: str) -> str:
     """The canonical form that ``list_files`` / ``list_dirs`` return: an absolute plain path
     for local input, the URL without a trailing slash otherwise. Lets callers compare and strip
@@ -182,6 +220,27 @@ def write_bytes(url: str, data: bytes, endpoint_url: str | None = None) -> None:
         fs.pipe_file(path, data)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"cannot write {_where(url, endpoint_url)}: {e}") from e
+
+
+def put_file(local_path: str, url: str, endpoint_url: str | None = None) -> None:
+    """Copy a local file to ``url`` atomically: locally a temp name renamed into place, on S3
+    one upload (an object appears whole or not at all)."""
+    fs, path = get_fs(url, endpoint_url)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            fs.put_file(local_path, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return
+    fs.put_file(local_path, path)
 
 
 def remove(url: str, endpoint_url: str | None = None) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -354,8 +353,8 @@ def train_categories(
 
     ``outputs``: category -> directory / URL where its model package is also written; ``loop``
     as in :func:`train_one`."""
-    from tfa_ray import storage
-    from tfa_ray.config import preset_from_json, preset_to_json
+    from tfa_ray import storage, train_register
+    from tfa_ray.config import preset_to_json
     from tfa_ray.data import discover
 
     if storage.is_local(data):  # workers run in other directories: pass an absolute path
@@ -390,73 +389,49 @@ def train_categories(
         out = outcomes[category]
         t0 = time.perf_counter()
         tmp_root = None
+        kept = None
+        if track:  # the job's package is kept here before the registry is asked
+            key = train_register.job_key(data, category, preset_json, template)
+            kept = train_register.kept_dir(_storage_url(settings), f"{prefix}{category}", key)
         try:
-            pkg, summary, history = train_one(
-                data,
-                category,
-                preset_json,
-                settings,
-                template=template,
-                skip_bad=skip_bad,
-                loop=loop,
-            )
-            tmp_root = os.path.dirname(pkg)
-            out.metrics = summary.pop("test_metrics", None) or {}
-            out.summary, out.history = summary, history
+            record = train_register.find_unregistered(kept) if kept else None
+            if record is not None:
+                pkg = storage.join(kept, "package")
+                echo(f"[{category}] found this job's trained package, never registered: {pkg}")
+            else:
+                pkg, summary, history = train_one(
+                    data,
+                    category,
+                    preset_json,
+                    settings,
+                    template=template,
+                    skip_bad=skip_bad,
+                    loop=loop,
+                )
+                tmp_root = os.path.dirname(pkg)
+                params = train_register.training_params(
+                    preset_name, preset_json, category, data, settings, summary
+                )
+                wall = time.perf_counter() - t0
+                record = train_register.training_record(params, summary, history, wall)
+                if kept:
+                    pkg = train_register.keep_package(pkg, record, kept)
+            out.metrics, out.summary = record["metrics"], record["summary"]
+            out.history = record["history"]
             if out.metrics:
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in out.metrics.items())
                 echo(f"[{category}] test split: {shown}")
             if outputs and outputs.get(category):
-                _copy_package(pkg, outputs[category])
+                with train_register.local_copy(pkg) as local:
+                    train_register.copy_package(local, outputs[category])
                 out.package_dir = outputs[category]
                 echo(f"[{category}] model written to {out.package_dir}")
             if track:
-                from tfa_ray import registry, tracking
-
-                trained = preset_from_json(preset_json)
-                params = {
-                    "preset": preset_name,
-                    "category": category,
-                    "data_uri": data,
-                    "backbone": trained.model.backbone.name,
-                    "backbone_weights": trained.model.backbone.weights,
-                    "image_size": trained.model.image_size,
-                    "epochs": trained.train.epochs,
-                    "batch_size": trained.train.batch_size,
-                    "lr": trained.train.lr,
-                    "num_workers": settings.num_workers,
-                    "use_gpu": settings.use_gpu,
-                    "num_train": summary.get("num_train"),
-                    "num_val": summary.get("num_val"),
-                    "git_commit": tracking.git_commit(),
-                }
-                wall = time.perf_counter() - t0
                 with lock:
-                    mv = tracking.log_training(
-                        pkg,
-                        category,
-                        params=params,
-                        history=history,
-                        metrics=out.metrics,
-                        summary={
-                            "wall_time_s": wall,
-                            "train_wall_time_s": float(summary.get("wall_time_s", 0.0)),
-                            "best_epoch": float(summary.get("best_epoch", -1)),
-                            "selection_score": float(summary.get("selection_score", math.nan)),
-                            "resumed_from_epoch": float(summary.get("resumed_from_epoch", 0)),
-                        },
-                        prefix=prefix,
-                    )
-                    out.name, out.version = mv.name, mv.version
-                    if promote_if_better:
-                        ok, why = registry.promote_if_better(
-                            category, promote_if_better, version=mv.version, prefix=prefix
-                        )
-                        out.promoted = why
-                        echo(f"[{category}] {why}")
+                    _register(out, pkg, category, record, prefix, promote_if_better, echo)
             out.ok = True
         except Exception as e:  # noqa: BLE001 - one category's failure is its own
-            out.error = one_line(e)
+            out.error = out.error or one_line(e)
             log.debug("category %s failed:\n%s", category, traceback.format_exc())
             echo(f"[{category}] error: {out.error}")
         finally:
@@ -469,13 +444,34 @@ def train_categories(
     return [outcomes[c] for c in categories]
 
 
-def _copy_package(src: str, dst: str) -> None:
+def _storage_url(settings: RaySettings) -> str:
+    """The checkpoint location as a URL (kept packages live beside the checkpoints)."""
     from tfa_ray import storage
-    from tfa_ray.package import FILES
 
-    for f in FILES:
-        with open(os.path.join(src, f), "rb") as fh:
-            storage.write_bytes(storage.join(dst, f), fh.read())
+    path = settings.storage_path or os.path.join(os.getcwd(), "runs", "ray")
+    return storage.normalize(path)
+
+
+def _register(out, pkg, category, record, prefix, promote_if_better, echo) -> None:
+    """Register the kept package; if the registry fails (after its retries) the outcome's
+    error is one line with where the package is and the command that registers it."""
+    from tfa_ray import registry, train_register
+
+    try:
+        mv = train_register.register_package(pkg, category, record=record, prefix=prefix)
+    except Exception as e:
+        out.error = (
+            f"registration failed ({one_line(e)}); the trained package is kept at {pkg}: "
+            f"register it with `{train_register.register_command(pkg, category, prefix)}`"
+        )
+        raise
+    out.name, out.version = mv.name, mv.version
+    if promote_if_better:
+        _, why = registry.promote_if_better(
+            category, promote_if_better, version=mv.version, prefix=prefix
+        )
+        out.promoted = why
+        echo(f"[{category}] {why}")
 
 
 def summary_table(outcomes: list[Outcome]) -> str:

@@ -21,6 +21,11 @@ def add_score_arguments(p) -> None:
         "(default '{category}/**': the first component)",
     )
     p.add_argument("--root", help="manifest input: paths are relative to this URL")
+    p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="score manifest paths that resolve outside the input root (default: error rows)",
+    )
     p.add_argument("--alias", default="champion", help="registry alias to score with")
     p.add_argument("--prefix", default="tfa-", help="registered model name prefix")
     p.add_argument(
@@ -56,6 +61,11 @@ def add_score_arguments(p) -> None:
     )
     p.add_argument("--run-id", help="run id; rerun with the same id to resume a run")
     p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if the run id is in progress elsewhere, wait for it to end (default: refuse)",
+    )
+    p.add_argument(
         "--max-pixels", type=int, default=MAX_PIXELS, help="larger images become error rows"
     )
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
@@ -85,6 +95,7 @@ def config_from_args(args) -> tuple[ScoreConfig, Resolver | None]:
         category=args.category,
         category_pattern=args.category_pattern,
         root=args.root,
+        allow_outside_root=args.allow_outside_root,
         alias=args.alias,
         prefix=args.prefix,
         batch_size=args.batch_size,
@@ -97,6 +108,7 @@ def config_from_args(args) -> tuple[ScoreConfig, Resolver | None]:
         heatmaps=args.heatmaps,
         full_res_masks=args.full_res_masks,
         run_id=args.run_id,
+        wait=args.wait,
         max_pixels=args.max_pixels,
         endpoint_url=args.endpoint_url,
         device=args.device,

@@ -17,6 +17,7 @@ class ScoreConfig:
     category: str | None = None  # one category for every input
     category_pattern: str = "{category}/**"  # relative to the input prefix / manifest root
     root: str | None = None  # manifest input: relative paths are under this (default: its dir)
+    allow_outside_root: bool = False  # score manifest paths outside the root (else error rows)
     alias: str = "champion"
     prefix: str = "tfa-"
     batch_size: int | None = None  # images per forward pass (None: 64 on GPUs, 16 on CPUs)
@@ -31,6 +32,8 @@ class ScoreConfig:
     heatmaps: bool = False
     full_res_masks: bool = False  # masks / heat maps at the image's size, not the map's
     run_id: str | None = None
+    wait: bool = False  # the run id is in progress elsewhere: wait for it (else refuse)
+    lease_ttl_s: float = 120.0  # a run's lease expires this long after its last renewal
     max_pixels: int | None = MAX_PIXELS
     endpoint_url: str | None = None
     device: str | None = None  # scorer device; default cuda when the actor has a GPU

@@ -22,6 +22,7 @@ from tfa_ray import storage
 from tfa_ray.data import ImageDecodeError, decode_image
 from tfa_ray.retry import is_transient
 from tfa_ray.scoring.contract import OK, PERMANENT, TRANSIENT
+from tfa_ray.scoring.listing import inside
 from tfa_ray.scoring.manifest import read_shard_paths
 from tfa_ray.scoring.shard import cell, mark_error, to_npy
 
@@ -174,6 +175,7 @@ def decode_shard(
     max_pixels: int | None,
     endpoint_url: str | None,
     gpu_decode: bool = False,
+    root: str | None = None,
 ) -> dict[str, list]:
     """One shard row in, one row out: ``images`` (n, 3, S, S) uint8 as .npy bytes, ``encoded``
     (with ``gpu_decode``: the JPEGs left for the scorer's device, concatenated) and ``items``
@@ -187,7 +189,10 @@ def decode_shard(
     encoded: list[bytes] = []
     size = int(model.get("image_size", 0)) if model else 0
     for path in paths:
-        if category is None:
+        if category is None and root and not inside(path, root):
+            msg = f"path is outside the input root {root} (--allow-outside-root to score it)"
+            items.append(mark_error({"path": path}, msg, PERMANENT))
+        elif category is None:
             msg = "path does not match the category pattern (no category)"
             items.append(mark_error({"path": path}, msg, PERMANENT))
         elif model is None or "error" in model:

@@ -33,6 +33,7 @@ from tfa_ray import storage
 from tfa_ray.drift import drift_section
 from tfa_ray.scoring.config import RunSummary, ScoreConfig
 from tfa_ray.scoring.contract import SUCCESS_FILE, run_dir_url
+from tfa_ray.scoring.lease import hold
 from tfa_ray.scoring.models import RegistryResolver, Resolver
 from tfa_ray.scoring.plan import Plan, load_or_make_plan, pending_shards
 from tfa_ray.scoring.stages import ShardScorer, decode_shard, write_shard
@@ -59,6 +60,16 @@ class Stages:
     decode: Callable[..., dict] = decode_shard
     scorer: type = ShardScorer
     write: Callable[..., dict] = write_shard
+
+
+def check_urls(cfg: ScoreConfig) -> None:
+    """Refuse URLs that would reach beyond what the user named, before anything is listed or
+    written: an ``s3://`` URL without a bucket, an output bucket that does not exist (it is
+    never created)."""
+    for url in (cfg.input, cfg.output, cfg.root):
+        if url and storage.is_s3(url):
+            storage.split_bucket(url)
+    storage.require_bucket(cfg.output, cfg.endpoint_url)
 
 
 def _new_run_id() -> str:
@@ -101,6 +112,7 @@ def _pipeline(
             "max_pixels": cfg.max_pixels,
             "endpoint_url": cfg.endpoint_url,
             "gpu_decode": cfg.decode_on_device(),  # JPEGs travel encoded to the scorer
+            "root": plan.header.get("root"),  # paths outside it: error rows that say so
         },
     )
     use_gpu = cfg.num_gpus_per_actor > 0
@@ -177,14 +189,30 @@ def score(
     echo: Callable[[str], None] = print,
     stages: Stages | None = None,
 ) -> RunSummary:
-    """Score ``cfg.input`` into ``cfg.output``; resumes a run whose run id already exists."""
+    """Score ``cfg.input`` into ``cfg.output``; resumes a run whose run id already exists. One
+    process at a time per run id (:mod:`~tfa_ray.scoring.lease`): another waits or refuses."""
     t0 = time.perf_counter()
     if cfg.endpoint_url is None:  # the driver's environment decides the endpoint for all workers
         env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         cfg = dataclasses.replace(cfg, endpoint_url=env_endpoint or None)
+    check_urls(cfg)
     resolver = resolver or RegistryResolver(prefix=cfg.prefix)
     run_id = cfg.run_id or _new_run_id()
     run_dir = run_dir_url(cfg.output, run_id)
+    with hold(run_dir, run_id, cfg.wait, cfg.lease_ttl_s, cfg.endpoint_url):
+        return _score(cfg, resolver, echo, stages, run_id, run_dir, t0)
+
+
+def _score(
+    cfg: ScoreConfig,
+    resolver: Resolver,
+    echo: Callable[[str], None],
+    stages: Stages | None,
+    run_id: str,
+    run_dir: str,
+    t0: float,
+) -> RunSummary:
+    """The run, with its lease held."""
     plan = load_or_make_plan(cfg, run_id, run_dir, resolver)
     todo = pending_shards(plan, run_dir, cfg.endpoint_url)
     skipped = plan.num_shards - len(todo)

@@ -6,6 +6,8 @@ grow with the input (the plan sorts and deduplicates them out of core, see ``man
 from __future__ import annotations
 
 import os
+import posixpath
+import re
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,22 @@ def is_manifest(url: str, endpoint_url: str | None) -> bool:
 
 def _is_absolute(path: str) -> bool:
     return "://" in path or path.startswith("/")
+
+
+def normalize_path(path: str) -> str:
+    """One spelling per file: ``./``, ``..`` and repeated slashes resolved (``a//./b.png`` ->
+    ``a/b.png``), local paths absolute and without ``file://``. ``..`` never climbs above the
+    bucket / filesystem root, so what it reaches can be compared with the input root."""
+    if storage.is_local(path):
+        return storage.normalize(path)
+    scheme, rest = path.split("://", 1)
+    rest = posixpath.normpath("/" + re.sub("/+", "/", rest)).lstrip("/")
+    return f"{scheme}://{rest}"
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether a normalised ``path`` lies under the normalised ``root``."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _wanted(path: str, root: str, suffixes: tuple[str, ...]) -> bool:
@@ -118,14 +136,19 @@ def iter_inputs(
 ) -> tuple[str, Iterator[list[Entry]]]:
     """(root, batches of (path, category from the manifest or None)) for a prefix or a manifest.
 
-    A manifest's relative paths are joined to ``root`` (default: the manifest's directory)."""
+    A manifest's relative paths are joined to ``root`` (default: the manifest's directory);
+    every path is normalised (:func:`normalize_path`), so ``./a.png`` and ``a.png`` are one
+    file. Whether a path stays inside ``root`` is the plan's question (``..`` may leave it)."""
     if is_manifest(input_url, endpoint_url):
-        base = storage.normalize(root or storage.normalize(input_url).rsplit("/", 1)[0])
+        base = normalize_path(root or storage.normalize(input_url).rsplit("/", 1)[0])
         prefix = base.rstrip("/") + "/"
 
         def joined() -> Iterator[list[Entry]]:
             for batch in _iter_manifest(input_url, endpoint_url):
-                yield [(p if _is_absolute(p) else prefix + p.strip("/"), c) for p, c in batch]
+                yield [
+                    (normalize_path(p if _is_absolute(p) else prefix + p.lstrip("/")), c)
+                    for p, c in batch
+                ]
 
         return base, joined()
     batches = iter_prefix(input_url, IMAGE_SUFFIXES, endpoint_url)

@@ -179,8 +179,6 @@ def write_manifest(
     cfg = cfg or ManifestConfig()
     stats = ManifestStats()
     sharder = _Sharder(max(1, int(shard_size)))
-    fs, base = storage.get_fs(run_dir, endpoint_url)
-    fs.makedirs(f"{base}/{PLAN_DIR}", exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tfa-plan-") as tmp:
         runs = _spill(entries, tmp, cfg.spill_rows)
         writer: pq.ParquetWriter | None = None
@@ -214,7 +212,8 @@ def write_manifest(
             nonlocal writer, written
             if writer is not None:
                 writer.close()
-                fs.put_file(os.path.join(tmp, "manifest.parquet"), f"{base}/{stats.files[-1]}")
+                local = os.path.join(tmp, "manifest.parquet")  # atomic: never half a file
+                storage.put_file(local, storage.join(run_dir, stats.files[-1]), endpoint_url)
                 writer, written = None, 0
 
         for chunk in _merge(runs, cfg.merge_rows):

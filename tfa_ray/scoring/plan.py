@@ -21,10 +21,11 @@ from typing import Any
 import pyarrow as pa
 
 from tfa_ray import storage
+from tfa_ray.package_check import PackageError, check_package
 from tfa_ray.retry import is_transient
 from tfa_ray.scoring.config import ScoreConfig
 from tfa_ray.scoring.contract import PLAN_FILE, RETRY_DIR, retry_marker
-from tfa_ray.scoring.listing import Entry, iter_inputs
+from tfa_ray.scoring.listing import Entry, inside, iter_inputs
 from tfa_ray.scoring.manifest import PLAN_DIR, ManifestConfig, read_shards, write_manifest
 from tfa_ray.scoring.models import Resolver
 
@@ -66,20 +67,34 @@ def _relative(path: str, root: str) -> str:
     return path.split("://", 1)[-1].lstrip("/")
 
 
+def valid_category(name: str | None) -> bool:
+    """A category is one plain path component: never empty, ``.``, ``..`` or with a slash."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
 def assign_categories(
-    entries: list[tuple[str, str | None]], root: str, category: str | None, pattern: str
+    entries: list[tuple[str, str | None]],
+    root: str,
+    category: str | None,
+    pattern: str,
+    allow_outside: bool = False,
 ) -> list[tuple[str, str | None]]:
-    """(path, category or None when the path does not match the pattern)."""
+    """(path, category or None when the path does not match the pattern, names no valid
+    category, or lies outside ``root`` without ``allow_outside``: an error row each)."""
     rx = category_regex(pattern)
     out = []
     for path, hint in entries:
-        if category:
+        hint = hint if valid_category(hint) else None
+        if not allow_outside and not inside(path, root):
+            out.append((path, None))
+        elif category:
             out.append((path, category))
         elif hint:
             out.append((path, hint))
         else:
             m = rx.fullmatch(_relative(path, root))
-            out.append((path, m.group("category") if m else None))
+            found = m.group("category") if m else None
+            out.append((path, found if valid_category(found) else None))
     return out
 
 
@@ -89,13 +104,21 @@ def assign_categories(
 
 def resolve_category(cfg: ScoreConfig, category: str, resolver: Resolver) -> dict[str, Any]:
     """The plan's model entry for a category: name, version, image size; or the error, with
-    ``transient`` telling whether a rerun should try again."""
+    ``transient`` telling whether a rerun should try again (a package that fails
+    :func:`~tfa_ray.package_check.check_package` never: its message names model and version)."""
     from tfa_ray.config import preset_from_json
 
+    name, version = f"{cfg.prefix}{category}", None
     try:
         name, version, url = resolver(category, cfg.alias)
+        check_package(url)  # a broken package fails its rows permanently, named, here
         preset = preset_from_json(storage.read_bytes(storage.join(url, "config.json")).decode())
         return {"name": name, "version": int(version), "image_size": preset.model.image_size}
+    except PackageError as e:
+        return {
+            "error": f"model {name} v{version} for category {category!r} is unusable: {e}",
+            "transient": False,
+        }
     except Exception as e:  # noqa: BLE001 - a missing model only fails its own rows
         return {
             "error": f"no usable model {cfg.prefix}{category}@{cfg.alias} for category "
@@ -143,10 +166,14 @@ class Plan:
 
 
 def _category_tables(
-    batches: Iterator[list[Entry]], root: str, category: str | None, pattern: str
+    batches: Iterator[list[Entry]],
+    root: str,
+    category: str | None,
+    pattern: str,
+    allow_outside: bool,
 ) -> Iterator[pa.Table]:
     for batch in batches:
-        pairs = assign_categories(batch, root, category, pattern)
+        pairs = assign_categories(batch, root, category, pattern, allow_outside)
         yield pa.table(
             {"path": [p for p, _ in pairs], "category": [c for _, c in pairs]},
             schema=pa.schema([("path", pa.string()), ("category", pa.string())]),
@@ -162,7 +189,9 @@ def make_plan(
 ) -> Plan:
     """List the input, assign categories, write the manifest, resolve each category's model."""
     root, batches = iter_inputs(cfg.input, cfg.endpoint_url, cfg.root)
-    tables = _category_tables(batches, root, cfg.category, cfg.category_pattern)
+    tables = _category_tables(
+        batches, root, cfg.category, cfg.category_pattern, cfg.allow_outside_root
+    )
     stats = write_manifest(tables, run_dir, cfg.shard_size, cfg.endpoint_url, manifest)
     if not stats.num_paths:
         raise ValueError(f"no input images under {cfg.input}")
@@ -170,6 +199,7 @@ def make_plan(
     header = {
         "run_id": run_id,
         "input": cfg.input,
+        "root": None if cfg.allow_outside_root else root,  # paths outside it: error rows
         "created": _dt.datetime.now(_dt.UTC).isoformat(),
         "category_pattern": None if cfg.category else cfg.category_pattern,
         "alias": cfg.alias,

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from tfa_ray.package_check import PackageError, check_package
 from tfa_ray.scoring.cache import DEFAULT_MAX_BYTES, ModelCache, model_nbytes
 from tfa_ray.scoring.contract import OK, PERMANENT, TRANSIENT
 from tfa_ray.scoring.decode import decode_jpegs
@@ -39,14 +40,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class LoadFailure(str):
+    """The message of a failed model load; ``kind`` says whether a rerun may fix it."""
+
+    kind: str = TRANSIENT
+
+
 class ShardScorer:
     """Callable class for ``map_batches``: scores the shards of a batch, one row each.
 
     Each actor loads the model of each category it meets once and keeps it while it fits the
     model cache (``model_cache_bytes``, least recently used out first; the template's embedding
     is computed at load). A failed load is not kept for the actor's lifetime: the shard's rows
-    become transient error rows and the load is tried again after ``retry_after_s`` (the
-    resolver itself already retried with backoff). Torch gets as many threads as the CPUs Ray
+    become error rows (transient, or permanent for a broken package) and the load is tried
+    again after ``retry_after_s`` (the resolver itself already retried with backoff). Torch gets as many threads as the CPUs Ray
     gave the actor (``num_threads`` overrides): a GPU actor's CPU work uses them too.
     """
 
@@ -82,7 +89,7 @@ class ShardScorer:
         self.pinned = dict(pinned or {})  # category -> the version the run's plan resolved
         self.retry_after_s = retry_after_s
         self.models = ModelCache(model_cache_bytes, size=lambda entry: model_nbytes(entry[2]))
-        self.failed: dict[str, tuple[float, str]] = {}  # category -> (monotonic time, message)
+        self.failed: dict[str, tuple[float, LoadFailure]] = {}  # category -> (time, failure)
         self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="tfa-prefetch")
 
     def load(self, category: str) -> tuple[str, int, Any]:
@@ -90,15 +97,22 @@ class ShardScorer:
         from tfa_ray.package import load_model
 
         name, version, url = self.resolver(category, self.alias, version=self.pinned.get(category))
-        model = load_model(url, device=self.device)
+        try:
+            check_package(url)
+            model = load_model(url, device=self.device)
+        except OSError:
+            raise  # I/O: may pass, transient
+        except Exception as e:  # noqa: BLE001 - the package itself is broken: permanent
+            raise PackageError(f"model {name} v{version} is unusable: {e}") from e
         model.precision = self.precision
         with self.torch.no_grad():
             model.detector.template_embedding()  # template features: once per actor
         log.info("scorer loaded %s v%s for %s", name, version, category)
         return name, int(version), model
 
-    def _model(self, category: str) -> tuple[str, int, Any] | str:
-        """The loaded model, or the message of a failed load."""
+    def _model(self, category: str) -> tuple[str, int, Any] | LoadFailure:
+        """The loaded model, or the message of a failed load (its ``kind``: permanent for a
+        broken package, :class:`PackageError`; transient for the rest: I/O, the registry)."""
         entry = self.models.get(category)
         if entry is not None:
             return entry
@@ -110,10 +124,12 @@ class ShardScorer:
             self.models.put(category, entry)
             self.failed.pop(category, None)
             return entry
-        except Exception as e:  # noqa: BLE001 - the shard's rows become transient error rows
+        except Exception as e:  # noqa: BLE001 - the shard's rows become error rows
             msg = f"cannot load model for category {category!r}: {type(e).__name__}: {e}"
-            self.failed[category] = (time.monotonic(), msg)
-            return msg
+            failure = LoadFailure(msg)
+            failure.kind = PERMANENT if isinstance(e, PackageError) else TRANSIENT
+            self.failed[category] = (time.monotonic(), failure)
+            return failure
 
     def _host(self, batch: dict[str, Any], i: int) -> dict[str, Any]:
         """Row ``i``'s host-side work (the prefetch thread's): items parsed, CPU-decoded pixels
@@ -171,9 +187,9 @@ class ShardScorer:
         maps = np.zeros((0, 1, 1), np.float16)
         if entry is None:
             return items, {}, maps
-        if isinstance(entry, str):
+        if isinstance(entry, LoadFailure):
             for it in ok:
-                mark_error(it, entry, TRANSIENT)
+                mark_error(it, entry, entry.kind)
             return items, {}, maps
         name, version, model = entry
         cal = model.calibration
