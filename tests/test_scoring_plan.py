@@ -95,7 +95,8 @@ def test_a_shard_is_one_row_group_and_its_reader_reads_only_that(tmp_path, monke
         t = pq.ParquetFile(url)
         for i in range(t.metadata.num_row_groups):
             g = t.read_row_group(i)
-            keys = set(zip(g.column("category").to_pylist(), g.column("shard").to_pylist()))
+            cats, shards = g.column("category").to_pylist(), g.column("shard").to_pylist()
+            keys = set(zip(cats, shards, strict=True))
             assert len(keys) == 1, (url, i, keys)  # exactly one shard in the group
             groups += 1
     assert groups == plan.num_shards

@@ -53,8 +53,9 @@ class ShardScorer:
     model cache (``model_cache_bytes``, least recently used out first; the template's embedding
     is computed at load). A failed load is not kept for the actor's lifetime: the shard's rows
     become error rows (transient, or permanent for a broken package) and the load is tried
-    again after ``retry_after_s`` (the resolver itself already retried with backoff). Torch gets as many threads as the CPUs Ray
-    gave the actor (``num_threads`` overrides): a GPU actor's CPU work uses them too.
+    again after ``retry_after_s`` (the resolver itself already retried with backoff). Torch
+    gets as many threads as the CPUs Ray gave the actor (``num_threads`` overrides): a GPU
+    actor's CPU work uses them too.
     """
 
     decode_jpegs = staticmethod(decode_jpegs)  # the device decoder (benchmarks stand it in)
