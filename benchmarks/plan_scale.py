@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from tfa_ray.scoring.config import ScoreConfig
+
 CATEGORIES = 16
 BLOCK = 1 << 17  # paths per write = per row group of the input manifest
 
@@ -158,7 +160,12 @@ def measure(n: int, shard_size: int, root: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--paths", type=int, nargs="*", default=[10**5, 10**6, 10**7])
-    p.add_argument("--shard-size", type=int, default=1024, help="paths per shard (output file)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=ScoreConfig.shard_size,
+        help=f"paths per shard (output file; default {ScoreConfig.shard_size}, the run's default)",
+    )
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
     args = p.parse_args()

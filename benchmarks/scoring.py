@@ -101,7 +101,7 @@ def make_model(
     )
     torch.manual_seed(0)
     size = preset.model.image_size
-    det = Detector(preset.model, torch.rand(3, size, size)).eval()
+    det = Detector(preset.model, torch.rand(preset.model.num_templates, 3, size, size)).eval()
     cal = Calibration(1.0, 0.01, 0.5, 0.1, 10, 0.0, 1.0, 0.5)
     return save_model(path, det, preset, cal, {"category": "texture", "benchmark": True})
 

@@ -218,9 +218,21 @@ class _Stream:
         pass
 
 
+_REAL_RUN = threading.Thread.run
+
+
+def _run_with_device(self: threading.Thread) -> None:
+    """A thread started while the device is simulated sees it too, as every thread sees a GPU
+    (torch function modes are per thread: a prefetch thread would otherwise pin and copy
+    without it)."""
+    with SimCudaMode():
+        _REAL_RUN(self)
+
+
 def _patches(num_devices: int) -> list[tuple[object, str, object]]:
     cuda = torch.cuda
     return [
+        (threading.Thread, "run", _run_with_device),
         (cuda, "is_available", lambda: True),
         (cuda, "device_count", lambda: num_devices),
         (cuda, "current_device", lambda: 0),

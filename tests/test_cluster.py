@@ -39,6 +39,7 @@ CLUSTER = sorted(p for p in CLUSTER_DIR.iterdir() if p.is_file())
 SCHEMAS = pathlib.Path(__file__).resolve().parent / "schemas" / "kuberay-v1.7.0"
 NAMESPACE = "tfa-ray"
 TFA_IMAGE_REPO = "ghcr.io/example/tfa-ray"
+SUBMIT_IMAGE_REPO = "ghcr.io/example/tfa-ray-submit"  # the Dockerfile's `submit` target
 COMMAND = re.compile(r"python\s+(\S*jobs/[\w.-]+\.py)((?:[ \t]+(?:\\\n\s*)?[^\s\\#`|&;]+)*)")
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 2 MB
 
@@ -368,7 +369,49 @@ def _cluster_problems(docs: list[dict]) -> list[str]:
                 bounds = {g.get("minReplicas"), g.get("maxReplicas")} - {None}
                 if bounds - {g.get("replicas")} and not cluster.get("enableInTreeAutoscaling"):
                     problems.append(f"{gwhere}: min/maxReplicas without autoscaling are ignored")
+            for gwhere, group in [(f"{where} head", cluster["headGroupSpec"])] + [
+                (f"{where} group {g['groupName']}", g) for g in groups
+            ]:
+                problems += _shm_problems(gwhere, group)
+            if d["kind"] == "RayCluster" and not (
+                any(_wants_gpu(g) for g in groups) and any(not _wants_gpu(g) for g in groups)
+            ):
+                problems.append(f"{where}: no CPU-only worker group beside the GPU group")
     return problems
+
+
+def _wants_gpu(group: dict) -> bool:
+    return any(
+        "nvidia.com/gpu" in c.get("resources", {}).get(kind, {})
+        for c in group["template"]["spec"]["containers"]
+        for kind in ("limits", "requests")
+    )
+
+
+def _bytes(quantity: str) -> float:
+    """A Kubernetes quantity (``18Gi``, ``512Mi``, ``2147483648``) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i?)?", str(quantity))
+    assert m, f"not a quantity: {quantity!r}"
+    return float(m.group(1)) * units.get(m.group(2) or "", 1)
+
+
+def _shm_problems(where: str, group: dict) -> list[str]:
+    """Ray's object store lives in /dev/shm: a container's default 64 MiB would spill it."""
+    pod = group["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for c in pod["containers"]:
+        for mount in c.get("volumeMounts", []):
+            if mount["mountPath"] != "/dev/shm":
+                continue
+            empty = volumes.get(mount["name"], {}).get("emptyDir")
+            if not empty or empty.get("medium") != "Memory":
+                return [f"{where}: /dev/shm is not a memory-backed emptyDir"]
+            store = group.get("rayStartParams", {}).get("object-store-memory")
+            if store and _bytes(empty.get("sizeLimit", "0")) < _bytes(store):
+                return [f"{where}: /dev/shm sizeLimit is below object-store-memory {store}"]
+            return []
+    return [f"{where}: no memory-backed /dev/shm for Ray's object store"]
 
 
 def _image_problems(docs: list[dict], launcher: dict, dockerfile: str) -> list[str]:
@@ -382,24 +425,51 @@ def _image_problems(docs: list[dict], launcher: dict, dockerfile: str) -> list[s
     ours = {i for _, i in images if i.startswith(TFA_IMAGE_REPO + ":")}
     if len(ours) != 1:
         problems.append(f"the tfa-ray image differs between files: {sorted(ours)}")
+    cron = [d for d in docs if d["kind"] == "CronJob"]
+    for image in (i for d in cron for c in _containers(d) for i in [c["image"]]):
+        if image.startswith(TFA_IMAGE_REPO + ":"):
+            problems.append(
+                f"CronJob: submits with the CUDA image {image}, not {SUBMIT_IMAGE_REPO}"
+            )
+        elif image.startswith(SUBMIT_IMAGE_REPO + ":") and ours:
+            if image.rpartition(":")[2] != next(iter(ours)).rpartition(":")[2]:
+                problems.append(f"CronJob: {image} is not the tag of {sorted(ours)}")
+    stages = _dockerfile_stages(dockerfile)
+    if "submit" not in stages:
+        problems.append("Dockerfile: no `submit` stage for the CronJob's image")
+    elif re.search(r'"(torch|torchvision|mlflow)\b', stages["submit"]):
+        problems.append("Dockerfile: the submit stage installs torch / mlflow")
 
-    pins = dict(re.findall(r'"([\w-]+)(?:\[[\w,]+\])?==([\w.+-]+)"', dockerfile))
+    pin = re.compile(r'"([\w-]+)(?:\[[\w,]+\])?==([\w.+-]+)"')
+    pins = dict(pin.findall(list(stages.values())[-1]))  # the node image: the last stage
     for name in ("torch", "torchvision", "ray", "mlflow"):
         if name not in pins:
             problems.append(f"Dockerfile: {name} is not pinned with ==")
     ray_versions = {v for d in docs for v in _find(d, "rayVersion")}
-    if ray_versions != {pins.get("ray")}:
-        problems.append(f"rayVersion {sorted(ray_versions)} != the image's ray {pins.get('ray')}")
+    for stage, text in stages.items():
+        ray = dict(pin.findall(text)).get("ray")
+        if ray_versions != {ray}:
+            problems.append(f"rayVersion {sorted(ray_versions)} != stage {stage}'s ray {ray}")
     servers = [i for _, i in images if i.startswith("ghcr.io/mlflow/mlflow:")]
     for image in servers:
         if not image.endswith(f":v{pins.get('mlflow')}-full"):
             problems.append(
                 f"{image}: not the -full image of the client's mlflow {pins.get('mlflow')}"
             )
-    base = re.search(r"^FROM\s+(\S+)", dockerfile, re.M)
-    if not base or not re.fullmatch(r"python:3\.11[\w.-]*(@sha256:[0-9a-f]{64})?", base.group(1)):
-        problems.append(f"Dockerfile: base {base and base.group(1)} is not a pinned Python 3.11")
+    bases = re.findall(r"^FROM\s+(\S+)", dockerfile, re.M)
+    for base in bases or [None]:
+        if not base or not re.fullmatch(r"python:3\.11[\w.-]*(@sha256:[0-9a-f]{64})?", base):
+            problems.append(f"Dockerfile: base {base} is not a pinned Python 3.11")
     return problems
+
+
+def _dockerfile_stages(dockerfile: str) -> dict[str, str]:
+    """Each ``FROM ... AS name`` stage's text (an unnamed stage is called by its number)."""
+    parts = re.split(r"^(?=FROM\s)", dockerfile, flags=re.M)[1:]
+    return {
+        (m.group(1) if (m := re.match(r"FROM\s+\S+\s+AS\s+(\S+)", p, re.I)) else str(i)): p
+        for i, p in enumerate(parts)
+    }
 
 
 # --------------------------------------------------------------------------- the files
@@ -526,6 +596,28 @@ def test_manifests_fit_together():
             ].__setitem__(0, {"name": "MLFLOW_DB_URI", "value": "postgresql+psycopg2://u:p@h/db"}),
             "MLFLOW_DB_URI is inline",
         ),
+        (
+            lambda ds: _one(ds, "RayCluster")["spec"]["workerGroupSpecs"][0]["template"][
+                "spec"
+            ].pop("volumes"),
+            "group gpu: /dev/shm is not a memory-backed emptyDir",
+        ),
+        (
+            lambda ds: _one(ds, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"][
+                "spec"
+            ]["containers"][0].pop("volumeMounts"),
+            "head: no memory-backed /dev/shm",
+        ),
+        (
+            lambda ds: _one(ds, "RayCluster")["spec"]["workerGroupSpecs"][1]["template"]["spec"][
+                "volumes"
+            ][0]["emptyDir"].update(sizeLimit="1Gi"),
+            "group cpu: /dev/shm sizeLimit is below object-store-memory",
+        ),
+        (
+            lambda ds: _one(ds, "RayCluster")["spec"]["workerGroupSpecs"].pop(1),
+            "no CPU-only worker group",
+        ),
     ],
 )
 def test_cross_file_checks_catch_a_broken_copy(break_it, expected):
@@ -549,6 +641,16 @@ def test_images_are_pinned_and_agree():
         ("Dockerfile", '"ray[data,train,default]==2.60.0"', '"ray[data,train,default]"', "ray is"),
         ("Dockerfile", "FROM python:3.11-slim-bookworm", "FROM python:latest", "base"),
         ("ray-up-aws.yaml", "tfa-ray:0.1.0", "tfa-ray:0.2.0", "differs between files"),
+        ("cronjob-score.yaml", "tfa-ray-submit:0.1.0", "tfa-ray:0.1.0", "the CUDA image"),
+        ("cronjob-score.yaml", "tfa-ray-submit:0.1.0", "tfa-ray-submit:0.0.9", "not the tag"),
+        ("Dockerfile", '"ray[default]==2.60.0"', '"ray[default]==2.59.0"', "stage submit's ray"),
+        (
+            "Dockerfile",
+            '"ray[default]==2.60.0"',
+            '"ray[default]==2.60.0" "torch==2.14.1"',
+            "submit",
+        ),
+        ("Dockerfile", "AS submit", "AS client", "no `submit` stage"),
     ],
 )
 def test_image_checks_catch_a_mismatch(where, old, new, expected):
@@ -578,6 +680,11 @@ def _dockerfile_problems(dockerfile: str) -> list[str]:
                     problems.append(f"Dockerfile: {line!r} copies {src}, which does not exist")
     if not re.search(r"^RUN .*pip install \.", dockerfile, re.M):
         problems.append("Dockerfile: the package itself is not installed")
+    last = list(_dockerfile_stages(dockerfile).values())[-1]  # what a plain `docker build` makes
+    apt = " ".join(re.findall(r"apt-get install([^&]*)", last.replace("\\\n", " ")))
+    for tool in ("rsync", "openssh-client"):  # `ray up`'s docker mode syncs and ssh-es from it
+        if not re.search(rf"(^|\s){tool}(\s|$)", apt):
+            problems.append(f"Dockerfile: the node image lacks {tool} (ray up docker mode)")
     return problems
 
 
@@ -587,6 +694,10 @@ def test_dockerfile_copies_only_what_exists():
     assert any("whole checkout" in p for p in _dockerfile_problems(broken))
     broken = _dockerfile().replace("COPY jobs ./jobs", "COPY job ./jobs")
     assert any("job, which does not exist" in p for p in _dockerfile_problems(broken))
+    broken = _dockerfile().replace(" rsync openssh-client", " openssh-client")
+    assert "Dockerfile: the node image lacks rsync (ray up docker mode)" in _dockerfile_problems(
+        broken
+    )
 
 
 # --------------------------------------------------------------------------- MLflow server
@@ -707,8 +818,100 @@ def _launcher_problems(config: dict) -> list[str]:
     return problems
 
 
+# What Ray's AWS node provider calls from the head (ray/autoscaler/_private/aws/node_provider.py:
+# instances.filter, create_instances, create_tags, terminate/stop/start_instances,
+# describe_instance_types, describe_images), and RunInstances with a `resolve:ssm:` ImageId.
+AUTOSCALER_ACTIONS = {
+    "ec2:RunInstances",
+    "ec2:CreateTags",
+    "ec2:TerminateInstances",
+    "ec2:DescribeInstances",
+    "ec2:DescribeInstanceTypes",
+    "ec2:DescribeImages",
+    "ssm:GetParameters",
+}
+
+
+def _allowed(policy: dict) -> dict[str, list[str]]:
+    """Action -> the resources an IAM policy allows it on."""
+    allowed: dict[str, list[str]] = {}
+    for s in policy["Statement"]:
+        if s["Effect"] != "Allow":
+            continue
+        actions = [s["Action"]] if isinstance(s["Action"], str) else s["Action"]
+        resources = [s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"]
+        for a in actions:
+            allowed.setdefault(a, []).extend(resources)
+    return allowed
+
+
+def _iam_problems(config: dict, policies: dict[str, dict]) -> list[str]:
+    """The head launches the workers: its profile must allow that and pass the workers' role."""
+    problems = []
+    types = config["available_node_types"]
+    profile = {
+        n: t["node_config"].get("IamInstanceProfile", {}).get("Name") for n, t in types.items()
+    }
+    head = profile[config["head_node_type"]]
+    workers = {p for n, p in profile.items() if n != config["head_node_type"]}
+    for name in {head, *workers}:
+        if name not in policies:
+            problems.append(f"instance profile {name}: no cluster/iam-{name}.json")
+    if head in workers:
+        problems.append(f"the head shares the workers' profile {head}: one of them is over-granted")
+    allowed = _allowed(policies.get(head, {"Statement": []}))
+    for action in sorted(AUTOSCALER_ACTIONS - set(allowed)):
+        problems.append(f"head profile {head}: the autoscaler needs {action}")
+    for worker in sorted(workers):
+        if not any(r.endswith(f":role/{worker}") for r in allowed.get("iam:PassRole", [])):
+            problems.append(f"head profile {head}: no iam:PassRole for the workers' role {worker}")
+    return problems
+
+
+def _iam_policies() -> dict[str, dict]:
+    return {
+        p.stem.removeprefix("iam-"): json.loads(p.read_text())
+        for p in CLUSTER
+        if p.name.startswith("iam-")
+    }
+
+
 def test_launcher_config_is_valid_for_ray_up():
     assert _launcher_problems(_launcher()) == []
+    assert _iam_problems(_launcher(), _iam_policies()) == []
+    types = _launcher()["available_node_types"]
+    assert any(t["node_config"]["InstanceType"].startswith("c") for t in types.values())
+    assert not _launcher()["docker"].get("disable_shm_size_detection")
+    assert not any("--shm-size" in o for o in _launcher()["docker"].get("run_options", []))
+
+
+def _drop_action(policies: dict, action: str) -> None:
+    for s in policies["tfa-ray-head"]["Statement"]:
+        if isinstance(s["Action"], list) and action in s["Action"]:
+            s["Action"].remove(action)
+        elif s["Action"] == action:
+            s["Action"] = []
+
+
+@pytest.mark.parametrize(
+    "break_it, expected",
+    [
+        (lambda c, p: _drop_action(p, "ec2:RunInstances"), "needs ec2:RunInstances"),
+        (lambda c, p: _drop_action(p, "iam:PassRole"), "no iam:PassRole for the workers' role"),
+        (
+            lambda c, p: c["available_node_types"]["head"]["node_config"].update(
+                IamInstanceProfile={"Name": "tfa-ray-node"}
+            ),
+            "shares the workers' profile",
+        ),
+        (lambda c, p: p.pop("tfa-ray-head"), "no cluster/iam-tfa-ray-head.json"),
+    ],
+)
+def test_iam_checks_reject_a_broken_copy(break_it, expected):
+    config, policies = _launcher(), _iam_policies()
+    break_it(config, policies)
+    problems = _iam_problems(config, policies)
+    assert any(expected in p for p in problems), problems
 
 
 @pytest.mark.parametrize(
@@ -716,7 +919,7 @@ def test_launcher_config_is_valid_for_ray_up():
     [
         (lambda c: c.update(max_worker=8), "'max_worker' was unexpected"),
         (lambda c: c["docker"].update(imag="x"), "'imag' was unexpected"),
-        (lambda c: c.update(head_node_type="cpu"), "head_node_type"),
+        (lambda c: c.update(head_node_type="cpu-head"), "head_node_type"),
         (
             lambda c: c["available_node_types"]["gpu"]["node_config"].update(
                 ImageId="ami-0123456789abcdef0"

@@ -218,9 +218,13 @@ def test_bad_inputs_each_give_a_correct_row(ray_cluster, tiny_model_dir, tmp_pat
             assert np.isfinite(r["score"]) and r["threshold"] > 0
             assert r["is_anomalous"] == is_anomalous(r["score"], r["threshold"])
             assert (r["width"], r["height"]) == size
+            # stored at the model's map resolution, brought to the image's size on demand
             mask = Image.open(io.BytesIO(r["mask_png"]))
             heat = Image.open(io.BytesIO(r["heatmap_png"]))
-            assert mask.size == size and heat.size == size and heat.mode.startswith("I;16")
+            assert mask.size == heat.size == (64, 64) and heat.mode.startswith("I;16")
+            full = scoring.decode_mask(r, image_size=True)
+            assert full.shape == (size[1], size[0]) and full.dtype == bool
+            assert scoring.decode_heatmap(r, image_size=True).shape == (size[1], size[0])
         else:
             assert err in r["error"], (rel, r["error"])
             assert r["error_kind"] == "permanent", rel  # nothing here is worth a rerun

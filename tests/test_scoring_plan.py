@@ -87,6 +87,36 @@ def test_shards_do_not_depend_on_how_the_sort_was_chunked(tmp_path):
     assert _shards(chunked) == _shards(whole)
 
 
+def test_a_shard_is_one_row_group_and_its_reader_reads_only_that(tmp_path, monkeypatch):
+    inp, _ = _manifest(tmp_path, 700)
+    plan, _ = _plan(tmp_path, inp, "groups", SMALL, shard_size=5)
+    groups = 0
+    for url in plan.manifest_urls():
+        t = pq.ParquetFile(url)
+        for i in range(t.metadata.num_row_groups):
+            g = t.read_row_group(i)
+            cats, shards = g.column("category").to_pylist(), g.column("shard").to_pylist()
+            keys = set(zip(cats, shards, strict=True))
+            assert len(keys) == 1, (url, i, keys)  # exactly one shard in the group
+            groups += 1
+    assert groups == plan.num_shards
+
+    read: list[list[int]] = []
+    original = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_groups",
+        lambda self, row_groups, **kw: (
+            read.append(list(row_groups)) or original(self, row_groups, **kw)
+        ),
+    )
+    shards = list(plan.shards())
+    for s in shards:
+        paths = read_shard_paths(s["manifest"], s["category"], s["shard"])
+        assert len(paths) == s["rows"]
+    assert all(len(groups) == 1 for groups in read) and len(read) == len(shards)
+
+
 def _fake_outputs(plan, run_dir: str, drop: str | None = None, twice: str | None = None) -> None:
     """Output files the way a finished run leaves them: one ok row per planned path."""
     for s in plan.shards():

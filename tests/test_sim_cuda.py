@@ -200,7 +200,7 @@ def test_scorer_batch_path_on_cuda(sim_cuda, tiny_model_dir, tmp_path, monkeypat
         decoded = real(datas, size, "cpu")
         return [t.to(device) if isinstance(t, torch.Tensor) else t for t in decoded]
 
-    monkeypatch.setattr(stages, "decode_jpegs", decode_on_device)
+    monkeypatch.setattr(scoring.ShardScorer, "decode_jpegs", staticmethod(decode_on_device))
     scorer = scoring.ShardScorer(resolver, batch_size=2)  # cuda (available), bf16 (sm_90)
     assert scorer.device == "cuda"
     out = scorer(scoring.decode_shard(shard, models, None, None, gpu_decode=True))

@@ -87,7 +87,7 @@ def ground_truth_metrics(results: list[dict], truth: dict[str, tuple]) -> dict[s
             metrics["image_auroc"] = image_auroc(labels, scores)
         masks, maps = [], []
         for r in rows:
-            heat = decode_heatmap(r)
+            heat = decode_heatmap(r, image_size=True)  # the truth masks are at image size
             if heat is None:
                 continue
             mask_path = truth[r["path"]][1]

@@ -63,10 +63,12 @@ def overlay_png(image: Image.Image, mask_png: bytes | None, max_side: int = 256)
     ``max_side`` pixels on its longer side."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     if mask_png:
-        mask = np.asarray(Image.open(io.BytesIO(mask_png)).convert("L")) > 0
-        if mask.shape == rgb.shape[:2]:
-            red = np.array([255.0, 0.0, 0.0], np.float32)
-            rgb[mask] = 0.5 * rgb[mask] + 0.5 * red
+        mask = Image.open(io.BytesIO(mask_png)).convert("L")
+        if mask.size != image.size:  # stored at the model's map resolution
+            mask = mask.resize(image.size, Image.Resampling.NEAREST)
+        mask = np.asarray(mask) > 0
+        red = np.array([255.0, 0.0, 0.0], np.float32)
+        rgb[mask] = 0.5 * rgb[mask] + 0.5 * red
     out = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
     out.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     buf = io.BytesIO()

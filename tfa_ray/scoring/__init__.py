@@ -8,9 +8,9 @@ Modules, one concern each: ``contract`` (output layout, schema, reading, verific
 ``config`` (the run's settings and summary), ``models`` (category -> model package),
 ``listing`` (the input as bounded batches), ``manifest`` (the plan's paths as Parquet, sorted
 out of core), ``plan`` (categories, models, shards, resume), ``verify`` (every path exactly
-once, streamed), ``stages`` (decode and score), ``writer`` (the shard's Parquet file),
-``lease`` (one run at a time per run id), ``driver`` (the run), ``args`` (command line
-options).
+once, streamed), ``stages`` (the three Ray Data stages, one module each: ``decode``,
+``scorer``, ``write``; ``shard`` is the row that travels between them), ``lease`` (one run at
+a time per run id), ``driver`` (the run), ``args`` (command line options).
 """
 
 from tfa_ray.scoring.args import add_score_arguments, config_from_args
@@ -19,6 +19,7 @@ from tfa_ray.scoring.contract import (
     OUTPUT_SCHEMA,
     SUCCESS_FILE,
     decode_heatmap,
+    decode_mask,
     read_results,
     run_dir_url,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "category_regex",
     "config_from_args",
     "decode_heatmap",
+    "decode_mask",
     "decode_shard",
     "list_inputs",
     "read_results",

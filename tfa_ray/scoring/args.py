@@ -35,7 +35,9 @@ def add_score_arguments(p) -> None:
         metavar="CATEGORY=URL",
         help="use this model package for a category instead of the registry (repeatable)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument(
+        "--batch-size", type=int, help="images per forward pass (default: 64 on GPUs, 16 on CPUs)"
+    )
     p.add_argument("--shard-size", type=int, default=64, help="images per output file")
     p.add_argument("--concurrency", type=int, default=1, help="scorer actors")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
@@ -50,6 +52,12 @@ def add_score_arguments(p) -> None:
     )
     p.add_argument(
         "--heatmaps", action="store_true", help="also store heat maps (16-bit PNG, model scale)"
+    )
+    p.add_argument(
+        "--full-res-masks",
+        action="store_true",
+        help="store masks / heat maps at each image's own size (default: the model's map "
+        "resolution; tfa_ray.scoring.decode_mask(row, image_size=True) resizes one)",
     )
     p.add_argument("--run-id", help="run id; rerun with the same id to resume a run")
     p.add_argument(
@@ -98,6 +106,7 @@ def config_from_args(args) -> tuple[ScoreConfig, Resolver | None]:
         decode_concurrency=args.decode_concurrency,
         model_cache_gb=args.model_cache_gb,
         heatmaps=args.heatmaps,
+        full_res_masks=args.full_res_masks,
         run_id=args.run_id,
         wait=args.wait,
         max_pixels=args.max_pixels,

@@ -20,13 +20,17 @@ class ScoreConfig:
     allow_outside_root: bool = False  # score manifest paths outside the root (else error rows)
     alias: str = "champion"
     prefix: str = "tfa-"
-    batch_size: int = 16  # images per model forward pass
+    batch_size: int | None = None  # images per forward pass (None: 64 on GPUs, 16 on CPUs)
     shard_size: int = 64  # images per shard = per output file = unit of resume
+    # shards a scorer actor is handed per call: while one is scored, the next one's host work
+    # (parsing, pinning) runs in the actor's prefetch thread
+    shards_per_call: int = 2
     concurrency: int = 1  # scorer actors
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
     decode_concurrency: int | None = None  # max decode tasks in flight (None: Ray decides)
     heatmaps: bool = False
+    full_res_masks: bool = False  # masks / heat maps at the image's size, not the map's
     run_id: str | None = None
     wait: bool = False  # the run id is in progress elsewhere: wait for it (else refuse)
     lease_ttl_s: float = 120.0  # a run's lease expires this long after its last renewal

@@ -14,9 +14,13 @@ category without a model: final) or ``transient`` (I/O, throttling, registry or 
 failure that outlasted the retries: a rerun with the same run id scores the shard again and
 replaces its file).
 
-Heat maps (``heatmap_png``, optional) are 16-bit grey PNGs on one scale per model version:
-``value = heatmap_low + png / 65535 * (heatmap_high - heatmap_low)`` recovers the anomaly map
-(see :func:`tfa_ray.package.heatmap_scale`); :func:`decode_heatmap` does exactly that.
+Masks (``mask_png``) and heat maps (``heatmap_png``, optional) are stored at the model's map
+resolution (the S x S image the model saw) unless the run asked for full resolution; the
+image's own size is in ``width`` / ``height``, and :func:`decode_mask` / :func:`decode_heatmap`
+with ``image_size=True`` bring them to it (:func:`to_image_size`). Heat maps are 16-bit grey
+PNGs on one scale per model version: ``value = heatmap_low + png / 65535 * (heatmap_high -
+heatmap_low)`` recovers the anomaly map (see :func:`tfa_ray.package.heatmap_scale`);
+:func:`decode_heatmap` does exactly that.
 """
 
 from __future__ import annotations
@@ -106,10 +110,33 @@ def read_results(
     return dataset.to_table(columns=columns, filter=filter)
 
 
-def decode_heatmap(row: dict[str, Any]) -> np.ndarray | None:
-    """The anomaly map (float32, image size) stored in a result row, or None."""
+def to_image_size(arr: np.ndarray, width: int, height: int, nearest: bool = False) -> np.ndarray:
+    """A stored map (float) or mask (bool) brought to an image of ``width`` x ``height``: the
+    inverse of the square resize the model's input got (bilinear; ``nearest`` for masks)."""
+    if arr.shape == (height, width):
+        return arr
+    if nearest or arr.dtype == bool:
+        img = Image.fromarray(arr.astype(np.uint8))
+        return np.asarray(img.resize((width, height), Image.Resampling.NEAREST)).astype(arr.dtype)
+    img = Image.fromarray(arr.astype(np.float32), mode="F")
+    return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))
+
+
+def decode_mask(row: dict[str, Any], image_size: bool = False) -> np.ndarray | None:
+    """The defect mask (bool) stored in a result row, or None; with ``image_size`` at the
+    image's own ``height`` x ``width`` (nearest neighbour), else as stored."""
+    if not row.get("mask_png"):
+        return None
+    mask = np.asarray(Image.open(io.BytesIO(row["mask_png"])).convert("L")) > 0
+    return to_image_size(mask, row["width"], row["height"]) if image_size else mask
+
+
+def decode_heatmap(row: dict[str, Any], image_size: bool = False) -> np.ndarray | None:
+    """The anomaly map (float32) stored in a result row, or None; with ``image_size`` at the
+    image's own ``height`` x ``width`` (bilinear), else as stored."""
     if not row.get("heatmap_png"):
         return None
     png = np.asarray(Image.open(io.BytesIO(row["heatmap_png"])), dtype=np.float64)
     low, high = row["heatmap_low"], row["heatmap_high"]
-    return (low + png / 65535.0 * (high - low)).astype(np.float32)
+    heat = (low + png / 65535.0 * (high - low)).astype(np.float32)
+    return to_image_size(heat, row["width"], row["height"]) if image_size else heat

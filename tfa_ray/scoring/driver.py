@@ -42,6 +42,15 @@ from tfa_ray.scoring.verify import COUNT_KEYS, verify
 log = logging.getLogger(__name__)
 
 DECODE_MAX_CALLS = 1000  # shards a decode worker process handles before it is replaced
+# Ray Data blocks of shard rows: one block per shard up to this many shards (full parallelism
+# for small runs), then groups of shards, so a night of 10^7 images is a few thousand blocks
+# (each a task), not 156,000.
+MAX_BLOCKS = 2048
+
+
+def num_blocks(shards: int, max_blocks: int = MAX_BLOCKS) -> int:
+    """Blocks for ``shards`` shard rows: one each while they are few, else ``max_blocks``."""
+    return max(1, min(shards, max_blocks))
 
 
 @dataclass
@@ -85,7 +94,7 @@ def _pipeline(
         }
         for s in todo
     ]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows)))
     decode_compute = (
         ray.data.TaskPoolStrategy(size=cfg.decode_concurrency) if cfg.decode_concurrency else None
     )
@@ -109,7 +118,7 @@ def _pipeline(
     use_gpu = cfg.num_gpus_per_actor > 0
     ds = ds.map_batches(
         st.scorer,
-        batch_size=1,
+        batch_size=max(1, int(cfg.shards_per_call)),
         compute=ray.data.ActorPoolStrategy(size=max(1, int(cfg.concurrency))),
         num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor or None,
@@ -133,6 +142,7 @@ def _pipeline(
             "run_id": plan.run_id,
             "heatmaps": cfg.heatmaps,
             "endpoint_url": cfg.endpoint_url,
+            "full_res": cfg.full_res_masks,
         },
     )
     yield from ds.iter_rows()

@@ -4,14 +4,17 @@ Columns ``path``, ``category`` (null: the path has no category) and ``shard`` (t
 index within its category; the shard's output file is ``contract.shard_file``). Paths are
 sorted and deduplicated out of core (sorted runs spilled to a local temp directory, merged a
 bounded batch at a time), so planning ten million paths needs the memory of a few batches.
-Every shard's rows lie in one file, contiguous: a reader takes a file, or one shard of it, and
-never has to look elsewhere.
+Every shard's rows lie in one file, contiguous, in a row group of their own (statistics on
+``category`` and ``shard``): a decode task reads its shard's row group and nothing else, with the
+file's footer parsed once per process (:func:`read_shard_paths`). A reader takes a file, or
+one shard of it, and never has to look elsewhere.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -25,7 +28,8 @@ from tfa_ray.scoring.contract import shard_file
 
 PLAN_DIR = "_plan"
 SCHEMA = pa.schema([("path", pa.string()), ("category", pa.string()), ("shard", pa.int32())])
-ROW_GROUP = 8192  # rows per Parquet row group: one shard is read with a statistics filter
+ROW_GROUP = 8192  # rows per row group of the sorted runs spilled while planning
+FOOTERS = 16  # manifest footers a process keeps parsed (a file's shards are read in order)
 
 
 @dataclass
@@ -149,6 +153,20 @@ class _Sharder:
         return out.take(pc.sort_indices(out, keys))  # stable
 
 
+def _write_shards(writer: pq.ParquetWriter, rows: pa.Table, size: int) -> None:
+    """Whole shards (sorted by category and shard), one row group each: a category's run of
+    rows starts at a shard and its shards are full but for its last, so ``size`` rows a group
+    cut from the start of each run fall on the shard boundaries."""
+    codes = pc.dictionary_encode(rows.column("category")).combine_chunks().indices
+    codes = pc.fill_null(codes, -1).to_numpy()
+    bounds = [*(np.flatnonzero(np.diff(codes)) + 1).tolist(), rows.num_rows]
+    start = 0
+    for end in bounds:
+        if end > start:
+            writer.write_table(rows.slice(start, end - start), row_group_size=size)
+        start = end
+
+
 def write_manifest(
     entries: Iterable[pa.Table],
     run_dir: str,
@@ -181,8 +199,10 @@ def write_manifest(
                 if writer is None:
                     stats.files.append(f"{PLAN_DIR}/part-{len(stats.files):05d}.parquet")
                     local = os.path.join(tmp, "manifest.parquet")
-                    writer = pq.ParquetWriter(local, SCHEMA, compression="zstd")
-                writer.write_table(rows.slice(pos, end - pos), row_group_size=ROW_GROUP)
+                    writer = pq.ParquetWriter(
+                        local, SCHEMA, compression="zstd", write_statistics=["category", "shard"]
+                    )
+                _write_shards(writer, rows.slice(pos, end - pos), sharder.size)
                 written += end - pos
                 pos = end
                 if written >= cfg.group_rows:
@@ -224,16 +244,44 @@ def read_shards(url: str, endpoint_url: str | None = None) -> list[dict]:
         return shards_of(pq.read_table(f, columns=["category", "shard"]))
 
 
+_footers: OrderedDict[tuple[str, int], pq.FileMetaData] = OrderedDict()
+
+
+def _may_hold(group: pq.RowGroupMetaData, category: str | None, shard: int) -> bool:
+    """Whether a row group's statistics admit the shard (no statistics: it may)."""
+    cat, idx = group.column(1).statistics, group.column(2).statistics
+    if cat is not None and cat.has_null_count and category is None and not cat.null_count:
+        return False
+    if cat is not None and cat.has_min_max and category is not None:
+        if not cat.min <= category <= cat.max:
+            return False
+    return idx is None or not idx.has_min_max or idx.min <= shard <= idx.max
+
+
 def read_shard_paths(
     url: str, category: str | None, shard: int, endpoint_url: str | None = None
 ) -> list[str]:
-    """One shard's paths, read from its manifest file (row groups pruned by statistics)."""
+    """One shard's paths, read from its manifest file: its own row group only, found by the
+    row groups' statistics in the footer, which is parsed once per file and process (keyed by
+    the file's size too, so a manifest rewritten by a re-planned run is parsed again)."""
     fs, path = storage.get_fs(url, endpoint_url)
-    cat = pc.field("category")
-    where = (cat.is_null() if category is None else cat == category) & (
-        pc.field("shard") == int(shard)
+    with fs.open(path, "rb") as f:
+        key = (url, int(getattr(f, "size", None) or fs.size(path)))
+        pf = pq.ParquetFile(f, metadata=_footers.get(key))
+        _footers[key] = meta = pf.metadata
+        _footers.move_to_end(key)
+        while len(_footers) > FOOTERS:
+            _footers.popitem(last=False)
+        groups = [
+            i for i in range(meta.num_row_groups) if _may_hold(meta.row_group(i), category, shard)
+        ]
+        rows = pf.read_row_groups(groups, columns=["path", "category", "shard"])
+    cat = rows.column("category")
+    keep = pc.and_(
+        pc.is_null(cat) if category is None else pc.fill_null(pc.equal(cat, category), False),
+        pc.equal(rows.column("shard"), int(shard)),
     )
-    return pq.read_table(path, filesystem=fs, columns=["path"], filters=where)["path"].to_pylist()
+    return rows.filter(keep).column("path").to_pylist()
 
 
 def read_manifest(url: str, endpoint_url: str | None = None) -> pa.Table:
