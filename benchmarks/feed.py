@@ -12,12 +12,13 @@ the pipeline reads every file).
 
 End to end, for each path and shard size: ``tfa_ray.scoring.score`` on local Ray with every core
 (listing, plan, decode tasks, scorer actors, writer, the exactly-once check): the whole run's
-images per second, and the steady rate: (N - n) / (t_N - t_n) from a run of all N images and
-one of a single shard's n, which share the fixed start and finish (actor start, model load,
-plan, verification), so the rate of a long night; divided by the cores Ray had: ``per core``,
-what one core of a GPU node sustains. Only two things are stand-ins:
-the model's forward pass (maps of the model's size with a fixed blob, so masks are not empty) and,
-on the encoded path, the device's JPEG decode (nvjpeg's work is the GPU's, not the CPUs').
+images per second and wall time, and the CPU time each stage's processes spent per image (all
+their threads, Ray's block conversions and object transfers included; their start-up, imports
+and the model load left out, as on a long night). ``img/s per core`` = 1 / (the three stages'
+CPU seconds per image): what one core of a GPU node sustains, whatever the machine's load.
+Only two things are stand-ins: the model's forward pass (maps of the model's size with a fixed
+blob, so masks are not empty) and, on the encoded path, the device's JPEG decode (nvjpeg's
+work is the GPU's, not the CPUs').
 
 * ``cpu decode``: decode tasks decode and resize every image; pixels travel to the scorer;
 * ``encoded``: decode tasks read the file and check the JPEG header; the encoded bytes travel.
@@ -31,6 +32,7 @@ maps too, and with masks at the image's full resolution.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -99,7 +101,7 @@ def stand_in_decode(datas: list[bytes], size: int, device) -> list:
     return [torch.zeros((3, size, size), dtype=torch.uint8, device=device) for _ in datas]
 
 
-def stand_in_scorer():
+def stand_in_scorer(log: str | None = None):
     from tfa_ray.scoring import ShardScorer
 
     class StandInScorer(ShardScorer):
@@ -109,7 +111,56 @@ def stand_in_scorer():
             name, version, model = super().load(category)
             return name, version, StandInModel(model)
 
+        def __call__(self, batch):
+            return _cpu_logged("score", log, super().__call__, batch)
+
     return StandInScorer
+
+
+def _cpu_logged(stage: str, log: str | None, fn, batch, **kwargs):
+    """``fn(batch)``, noting the process's CPU time before and after and the images: all of
+    the process's threads (the prefetch thread, Ray's own transfers), not only this call's."""
+    t0 = time.process_time()
+    out = fn(batch, **kwargs)
+    if log:
+        if "items" in out:  # decode and score: one JSON list of items per shard
+            images = sum(len(json.loads(items)) for items in out["items"])
+        else:  # write: the shard's counts
+            images = sum(int(n) for n in out["rows"])
+        with open(log, "a") as f:
+            f.write(f"{stage} {os.getpid()} {t0} {time.process_time()} {images}\n")
+    return out
+
+
+def decode_logged(batch, log: str, **kwargs):
+    from tfa_ray.scoring import decode_shard
+
+    return _cpu_logged("decode", log, decode_shard, batch, **kwargs)
+
+
+def write_logged(batch, log: str, **kwargs):
+    from tfa_ray.scoring import write_shard
+
+    return _cpu_logged("write", log, write_shard, batch, **kwargs)
+
+
+def cpu_per_image(log: str) -> dict[str, float]:
+    """CPU seconds per image of each stage: per process, its CPU time from the end of its first
+    call to the end of its last, over the images of its later calls (the first call pays the
+    process's one-time costs: lazy imports, the model load; a process called once counts
+    whole), summed over the stage's processes."""
+    calls: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+    for line in open(log):
+        stage, pid, t0, t1, n = line.split()
+        calls.setdefault((stage, pid), []).append((float(t0), float(t1), int(n)))
+    out: dict[str, list[float]] = {}
+    for (stage, _), cs in calls.items():
+        cs.sort()
+        start, later = (cs[0][1], cs[1:]) if len(cs) > 1 else (cs[0][0], cs)
+        acc = out.setdefault(stage, [0.0, 0.0])
+        acc[0] += later[-1][1] - start
+        acc[1] += sum(n for _, _, n in later)
+    return {stage: cpu / max(n, 1) for stage, (cpu, n) in out.items()}
 
 
 # ------------------------------------------------------------------------- per stage
@@ -180,41 +231,35 @@ def stage_rows(paths: list[str], model_dir: str, size: int, repeats: int, workdi
 # ------------------------------------------------------------------------- end to end
 
 
-def end_to_end(
-    root: str, paths: list[str], model_dir: str, shard: int, encoded: bool, workdir: str
-):
-    """(run images/s, steady images/s, wall s): ``score`` on all of ``paths``, and on one shard's
-    worth of them (same fixed costs: actor start, model load, plan, verification); the steady
-    rate is the difference of the two, the rate of a long night."""
+def end_to_end(archive: str, n: int, model_dir: str, shard: int, encoded: bool, workdir: str):
+    """(images/s of the whole run, wall s, CPU s per image per stage) of ``score`` on the
+    archive, the stages' CPU time noted by each stage's processes."""
     from tfa_ray import scoring
 
-    def run(n: int) -> float:
-        src = os.path.join(workdir, f"input-{os.path.basename(root)}-{n}")
-        if not os.path.isdir(src):  # the first n images, linked, as an input prefix
-            os.makedirs(os.path.join(src, "line"))
-            for p in paths[:n]:
-                os.link(p, os.path.join(src, "line", os.path.basename(p)))
-        out = os.path.join(workdir, "out")
-        shutil.rmtree(out, ignore_errors=True)
-        cfg = scoring.ScoreConfig(
-            input=src,
-            output=out,
-            category="line",
-            shard_size=shard,
-            gpu_decode="on" if encoded else "off",
-            run_id=f"feed-{n}-{shard}-{int(encoded)}",
-        )
-        stages = scoring.Stages(scorer=stand_in_scorer())
-        resolver = scoring.LocalResolver({"line": model_dir})
-        t = time.perf_counter()
-        summary = scoring.score(cfg, resolver, echo=lambda _m: None, stages=stages)
-        wall = time.perf_counter() - t
-        assert summary.total == n and summary.ok == n, summary  # every image, exactly once
-        return wall
-
-    n = len(paths)
-    one, wall = run(min(shard, n // 2)), run(n)
-    return n / wall, (n - min(shard, n // 2)) / max(wall - one, 1e-9), wall
+    log = os.path.join(workdir, f"cpu-{shard}-{int(encoded)}.txt")
+    if os.path.exists(log):
+        os.remove(log)
+    out = os.path.join(workdir, "out")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = scoring.ScoreConfig(
+        input=archive,
+        output=out,
+        category="line",
+        shard_size=shard,
+        gpu_decode="on" if encoded else "off",
+        run_id=f"feed-{shard}-{int(encoded)}",
+    )
+    stages = scoring.Stages(
+        decode=functools.partial(decode_logged, log=log),
+        scorer=stand_in_scorer(log),
+        write=functools.partial(write_logged, log=log),
+    )
+    t = time.perf_counter()
+    resolver = scoring.LocalResolver({"line": model_dir})
+    summary = scoring.score(cfg, resolver, echo=lambda _m: None, stages=stages)
+    wall = time.perf_counter() - t
+    assert summary.total == n and summary.ok == n, summary  # every image, exactly once
+    return n / wall, wall, cpu_per_image(log)
 
 
 def main() -> None:
@@ -256,18 +301,22 @@ def main() -> None:
     cores = args.num_cpus
     print(f"\nend to end on {cores} CPU core(s), forward pass stood in:")
     print(
-        f"{'path':<12} {'shard':>6} {'run img/s':>10} {'steady img/s':>13} {'per core':>9} "
-        f"{'wall s':>7}",
+        f"{'path':<12} {'shard':>6} {'run img/s':>10} {'wall s':>7} | CPU ms/image: "
+        f"{'decode':>7} {'score':>7} {'write':>7} {'all':>7} | {'img/s per core':>14}",
         flush=True,
     )
     try:
         for encoded in (True, False):
             for shard in (int(s) for s in args.shard_sizes.split(",")):
-                ips, steady, wall = end_to_end(root, paths, model_dir, shard, encoded, args.workdir)
-                path = "encoded" if encoded else "cpu decode"
+                ips, wall, cpu = end_to_end(
+                    root, len(paths), model_dir, shard, encoded, args.workdir
+                )
+                ms = {k: 1e3 * cpu.get(k, float("nan")) for k in ("decode", "score", "write")}
+                total = sum(ms.values())
                 print(
-                    f"{path:<12} {shard:>6} {ips:>10.1f} {steady:>13.1f} {steady / cores:>9.1f} "
-                    f"{wall:>7.1f}",
+                    f"{'encoded' if encoded else 'cpu decode':<12} {shard:>6} {ips:>10.1f} "
+                    f"{wall:>7.1f} | {'':13} {ms['decode']:>7.2f} {ms['score']:>7.2f} "
+                    f"{ms['write']:>7.2f} {total:>7.2f} | {1e3 / total:>14.1f}",
                     flush=True,
                 )
     finally:

@@ -43,7 +43,16 @@ def test_feed_benchmark_runs_at_toy_size(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     table = out.stdout
     for path in ("encoded", "cpu decode"):
-        row = re.search(rf"^{path}\s+4\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", table, re.M)
-        assert row and min(float(v) for v in row.groups()) > 0, table
+        row = re.search(
+            rf"^{path}\s+4\s+([\d.]+)\s+([\d.]+) \|\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
+            r"([\d.]+) \|\s+([\d.]+)$",
+            table,
+            re.M,
+        )
+        assert row, table  # every stage's CPU time was noted (no nan) and adds up
+        run, wall, decode, score, write, total, per_core = (float(v) for v in row.groups())
+        assert min(run, wall, decode, score, write) > 0
+        assert total == pytest.approx(decode + score + write, abs=0.02)
+        assert per_core == pytest.approx(1e3 / total, rel=0.01)
     for stage in ("read the file", "header check", "write: masks at map resolution"):
         assert re.search(rf"^{re.escape(stage)}.*\s([\d.]+)$", table, re.M), table

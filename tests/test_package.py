@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tfa_ray.package import heatmap_scale, heatmap_uint16, is_anomalous, load_model
+from tfa_ray.calibration import heatmap_scale, heatmap_uint16
+from tfa_ray.package import is_anomalous, load_model
 
 
 def test_predict_keeps_the_cached_template_embedding(tiny_model_dir):

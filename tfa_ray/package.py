@@ -21,7 +21,6 @@ import io
 import json
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
@@ -41,12 +40,6 @@ FILES = ("weights.safetensors", "config.json", "template.png", "calibration.json
 # "fp32" never autocasts. Anomaly maps are computed in fp32 whatever the autocast
 # (Detector.evidence).
 NATIVE_BF16_CAPABILITY = (8, 0)
-
-# Heat maps are stored as 16-bit PNGs on one scale per model. With span = map_high - map_low
-# (the 99.9th percentile minus the median of normal pixels' values), 0 stands for
-# map_low - span and 65535 for map_low + HEATMAP_HEADROOM * span: defects far above every normal
-# pixel keep their shape instead of saturating, and the normal range still gets ~2,000 levels.
-HEATMAP_HEADROOM = 32.0
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -228,22 +221,3 @@ def load_model(url: str, device: str | torch.device = "cpu") -> TFAModel:
     )
     meta = json.loads(storage.read_bytes(storage.join(url, "meta.json")))
     return TFAModel(detector.to(device), preset, calibration, meta)
-
-
-def heatmap_uint8(maps: np.ndarray, calibration: Calibration) -> np.ndarray:
-    """Anomaly maps for viewing (overlays): 0 at the median normal pixel, 255 at the 99.9th
-    percentile of normal pixels, clipped. Stored heat maps use :func:`heatmap_uint16`."""
-    scaled = (maps - calibration.map_low) / (calibration.map_high - calibration.map_low)
-    return (np.clip(scaled, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
-def heatmap_scale(calibration: Calibration) -> tuple[float, float]:
-    """(low, high): the anomaly values that 0 and 65535 stand for in a stored heat map."""
-    median, span = float(calibration.map_low), float(calibration.map_high - calibration.map_low)
-    return median - span, median + HEATMAP_HEADROOM * span
-
-
-def heatmap_uint16(maps: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Anomaly maps on the model-wide scale ``(low, high)`` as uint16 (never per-image)."""
-    scaled = (np.asarray(maps, dtype=np.float64) - low) / (high - low)
-    return (np.clip(scaled, 0.0, 1.0) * 65535).round().astype(np.uint16)

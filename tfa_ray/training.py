@@ -270,7 +270,7 @@ def share_prepared(prep: Prepared | None, detector: Detector, device: torch.devi
         return prep
     none = torch.empty(0, dtype=torch.float16)
     val = ValidationSet(torch.empty(0, 3, 1, 1, dtype=torch.uint8), none, none)
-    return Prepared(*paths, train_phi, val, none, none, none, corrupt_phi)
+    return Prepared(*paths, train_phi, val, none, none, corrupt_phi=corrupt_phi)
 
 
 def token_weights(visible: torch.Tensor, grid: int, patch: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ resolution (the S x S image the model saw) unless the run asked for full resolut
 image's own size is in ``width`` / ``height``, and :func:`decode_mask` / :func:`decode_heatmap`
 with ``image_size=True`` bring them to it (:func:`to_image_size`). Heat maps are 16-bit grey
 PNGs on one scale per model version: ``value = heatmap_low + png / 65535 * (heatmap_high -
-heatmap_low)`` recovers the anomaly map (see :func:`tfa_ray.package.heatmap_scale`);
+heatmap_low)`` recovers the anomaly map (see :func:`tfa_ray.calibration.heatmap_scale`);
 :func:`decode_heatmap` does exactly that.
 """
 

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from tfa_ray import storage
+from tfa_ray.calibration import heatmap_uint16
 from tfa_ray.scoring.contract import (
     ERROR,
     OK,
@@ -48,8 +49,6 @@ def shard_table(
 ):
     """The shard's rows as a table in the output schema; masks and heat maps at the maps'
     resolution, or with ``full_res`` at each image's own size."""
-    from tfa_ray.package import heatmap_uint16
-
     low, high = model.get("heatmap_low"), model.get("heatmap_high")
     now = _dt.datetime.now(_dt.UTC)
     cols: dict[str, list] = {}
