@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -231,30 +232,40 @@ def evidence_mix(
     """The shares (reconstruction, statistics, kNN) of the fused map, from normal images and
     synthetic defects only; maps already on the held-out normal scale (``MapNorm``).
 
-    Each evidence's share is its separation of the synthetic defects (the selection score
-    alone, above chance) times its reliability: the spread of its maps on training images it
-    was fitted on, against held-out normals (1 by construction of the scale). A per-position
-    Gaussian of an object that moves fits its own training images far more tightly than any
-    new image, so held-out normals carry noise it cannot tell from a defect, and synthetic
-    defects pasted into aligned copies cannot show that (``evidence_mix`` is why the tyre
-    gets the kNN map and the tiles the statistics)."""
+    share_k ~ reliability_k^2 * exp((separation_k - best separation) / MIX_TEMPERATURE):
+
+    * separation: how well the evidence alone separates the synthetic defects from held-out
+      normals (image AUROC and AUPRO, each rescaled from chance); a sharp softmax, so an
+      evidence a few points behind the best counts little;
+    * reliability: the spread of its maps on training images it was fitted on, against held-out
+      normals (1 by construction of the scale). A per-position Gaussian of an object that
+      moves fits its own training images far more tightly than any new image, so held-out
+      normals carry noise it cannot tell from a defect; synthetic defects pasted into copies
+      of the held-out images do not show that, the reliability does.
+    """
     kinds = dict(zip(MIX, ("reconstruction", cfg.statistics, "knn"), strict=True))
-    shares, parts = [], {}
+    parts: dict[str, dict] = {}
     for part, kind in kinds.items():
         if kind not in normal:
-            shares.append(0.0)
             continue
-        sep, sel_parts = selection_score(normal[kind], anomalous[kind], masks, cfg)
+        _, sel_parts = selection_score(normal[kind], anomalous[kind], masks, cfg)
         reliability = min(max(map_spread(probe[kind]), 0.0), 1.0)
-        share = above_chance(sel_parts) * reliability**MIX_TRUST_POWER
-        parts[part] = {"separation": sep, "reliability": reliability, **sel_parts}
-        shares.append(share)
+        parts[part] = {"separation": above_chance(sel_parts), "reliability": reliability}
+    best = max(p["separation"] for p in parts.values())
+    shares = [
+        parts[part]["reliability"] ** MIX_TRUST_POWER
+        * math.exp((parts[part]["separation"] - best) / MIX_TEMPERATURE)
+        if part in parts
+        else 0.0
+        for part in MIX
+    ]
     total = sum(shares)
     mix = tuple(x / total for x in shares) if total > 0 else (1.0, 0.0, 0.0)
     return mix, parts
 
 
 MIX_TRUST_POWER = 2.0
+MIX_TEMPERATURE = 0.01  # separation points per e-fold of share
 # AUPRO of a map that knows nothing: PRO ~ FPR, integrated up to 0.3 and divided by it
 AUPRO_CHANCE = 0.15
 
