@@ -8,7 +8,13 @@ is the selection score, the only number a variant may be chosen by. Each trained
 gets rows for each evidence alone on the same weights (``rec``: the reconstruction map,
 ``gauss``: the per-position Gaussian), so the table shows what the reconstruction adds.
 
-    python benchmarks/accuracy.py --data ../shared/data --category magnetic_tile
+    python benchmarks/accuracy.py --data ../shared/data --category magnetic_tile,mvtec3d_tire
+
+Several categories: one table each, then a summary (per metric, the shipped row's margin over
+the better same-run baseline: per category, mean and worst) and the selection-regret table (the
+evidence mix the selection chose against the test-best of the diagnostic rows of the same
+trained model: each evidence alone, without each, and the mixes in ``DIAGNOSTIC_MIXES``).
+
     python benchmarks/accuracy.py --variants final,T1,no-noise --time-budget 300 --json out.json
     python benchmarks/accuracy.py --variants final,T1,no-noise,dual,linear,hard \
         --time-budget 150 --no-test-masking --no-baselines        # the short ablation table
