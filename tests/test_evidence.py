@@ -216,3 +216,21 @@ def test_template_bank_starts_with_the_papers_template_and_fills_up_when_images_
     assert pick_templates("a.png", paths, phi, 2) == ["a.png", "b.png"]  # the farthest next
     bank = pick_templates("a.png", paths, phi, 5)
     assert len(bank) == 5 and bank[0] == "a.png" and set(bank) == set(paths)
+
+
+def test_an_evidence_mix_is_exactly_the_fused_map_it_names():
+    """with_mix writes shares (rec, stat, knn) into the fusion weights; fuse gives back the
+    weighted mean of the normalised maps with exactly those shares (kNN-only included)."""
+    from tfa_ray.selection import mix_of, with_mix
+
+    cfg = dataclasses.replace(
+        get_preset("test-tiny").model, gaussian_size=4, gaussian_channels=8, knn_memory=16
+    )
+    det = Detector(cfg)
+    g = torch.Generator().manual_seed(0)
+    maps = {k: torch.rand(2, 4, 4, generator=g) for k in ("reconstruction", "gaussian", "knn")}
+    for mix in [(0.07, 0.0, 0.93), (0.2, 0.6, 0.2), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)]:
+        fusion = with_mix(AnomalyConfig(), mix)
+        assert mix_of(fusion) == pytest.approx(mix, abs=1e-3)
+        expected = sum(w * maps[k] for w, k in zip(mix, maps, strict=True))
+        assert torch.allclose(det.fuse(maps, fusion), expected, atol=2e-3)

@@ -145,6 +145,10 @@ class TrainConfig:
     try_statistics: tuple[str, ...] = ()
     # ... and what the image score is taken from (see AnomalyConfig.image_evidence)
     try_image_evidence: tuple[str, ...] = ()
+    # Choose the fused map's shares (reconstruction, statistics, kNN) per category on the
+    # selection split (tfa_ray.selection.evidence_mix) instead of anomaly.w_reconstruction /
+    # w_knn and try_fusion_weights (models with a Gaussian)
+    select_mix: bool = False
     # Fraction of training inputs that carry a pasted synthetic defect while the target stays
     # the clean features: teaches the net to put normal appearance back instead of copying
     # whatever it sees (0 = the paper: plain reconstruction of normal images).
@@ -178,12 +182,12 @@ PAPER = Preset(
 # Changes beyond the paper that cpu-small and gpu share (see benchmarks/accuracy.py): each
 # image brought to one pixel mean and contrast before the backbone, a bank of 8 templates, the
 # noisy bottleneck, standardised features, and three kinds of evidence whose normalised maps
-# are averaged with equal weights to localise: the reconstruction, a per-position Gaussian
-# (of the features or of the reconstruction residual) and a PatchCore memory. The image score
-# (from that map or from the Gaussian alone), its kind and test-time masking are chosen on the
-# selection split. The weights are not: the selection split's synthetic defects, pasted into
-# aligned normal images, are the per-position Gaussian's home ground and rank it alone first,
-# while on real defects the other two add most of the localisation (README, accuracy).
+# are mixed to localise: the reconstruction, a per-position Gaussian (of the features or of
+# the reconstruction residual) and a PatchCore memory. The mix is chosen per category on the
+# selection split (train.select_mix: each evidence's separation of synthetic defects times
+# its reliability, how well its training-image maps predict held-out normal ones; the equal
+# thirds of anomaly.w_* are the fallback), as are the image score (from that map or from the
+# Gaussian alone), its kind and test-time masking.
 BEYOND_PAPER_MODEL = dict(
     standardize_features=True,
     num_templates=8,
@@ -198,6 +202,7 @@ BEYOND_PAPER_TRAIN = dict(
     try_test_mask_blocks=(16,),
     try_statistics=("gaussian", "residual"),
     try_image_evidence=("statistics",),
+    select_mix=True,
 )
 
 # cpu-small departs from the shared changes where its ablations say so: test-time masking

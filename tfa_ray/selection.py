@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -144,6 +145,29 @@ def predict_evidence(
     return {k: torch.cat(v) for k, v in maps.items()}, sum(losses) / len(phi)
 
 
+MIX = ("reconstruction", "statistics", "knn")  # the fused map's parts, in this order
+
+
+def mix_of(cfg: AnomalyConfig, knn: bool = True) -> tuple[float, float, float]:
+    """The fused map's shares (reconstruction, statistics, kNN), summing to 1: ``fuse`` is
+    ``(w * rec + (1 - w) * stat + w_knn * knn) / (1 + w_knn)``."""
+    w_knn = cfg.w_knn if knn else 0.0
+    return (
+        cfg.w_reconstruction / (1 + w_knn),
+        (1 - cfg.w_reconstruction) / (1 + w_knn),
+        w_knn / (1 + w_knn),
+    )
+
+
+def with_mix(cfg: AnomalyConfig, mix: tuple[float, float, float]) -> AnomalyConfig:
+    """``cfg`` fusing the maps with shares (reconstruction, statistics, kNN) (any scale): the
+    inverse of :func:`mix_of`. A kNN-only mix keeps a share of 1e-3 on the other two."""
+    rec, stat, knn = (max(float(x), 0.0) for x in mix)
+    base = max(rec + stat, 1e-3 * (rec + stat + knn), 1e-12)
+    w_rec = rec / (rec + stat) if rec + stat > 0 else 0.0
+    return dataclasses.replace(cfg, w_reconstruction=w_rec, w_knn=knn / base)
+
+
 SCORE_KINDS = ("std", "max", "topk")
 
 
@@ -187,6 +211,90 @@ def selection_score(
     return 0.5 * (img + pro), {"val_image_auroc": img, "val_aupro": pro, "score_kind": kind}
 
 
+# Training images whose maps measure each evidence's reliability (a seeded subset)
+PROBE_IMAGES = 64
+
+
+def map_spread(maps: torch.Tensor) -> float:
+    """The normal-pixel spread MapNorm puts at 1 on held-out normals: q99.9 - median."""
+    flat = maps.float().flatten()
+    if flat.numel() > 4_000_000:
+        flat = flat[torch.randint(flat.numel(), (4_000_000,), generator=torch.Generator())]
+    low, high = torch.quantile(flat, torch.tensor([0.5, 0.999])).tolist()
+    return high - low
+
+
+def evidence_mix(
+    normal: dict[str, torch.Tensor],
+    anomalous: dict[str, torch.Tensor],
+    probe: dict[str, torch.Tensor],
+    masks: torch.Tensor,
+    cfg: AnomalyConfig,
+) -> tuple[tuple[float, float, float], dict[str, dict]]:
+    """The shares (reconstruction, statistics, kNN) of the fused map, from normal images and
+    synthetic defects only; maps already on the held-out normal scale (``MapNorm``).
+
+    share_k ~ reliability_k^2 * exp((separation_k - best separation) / MIX_TEMPERATURE):
+
+    * separation: how well the evidence alone separates the synthetic defects from held-out
+      normals (image AUROC and AUPRO, each rescaled from chance); a sharp softmax, so an
+      evidence a few points behind the best counts little;
+    * reliability: the spread of its maps on training images it was fitted on, against held-out
+      normals (1 by construction of the scale). A per-position Gaussian of an object that
+      moves fits its own training images far more tightly than any new image, so held-out
+      normals carry noise it cannot tell from a defect; synthetic defects pasted into copies
+      of the held-out images do not show that, the reliability does.
+    """
+    kinds = dict(zip(MIX, ("reconstruction", cfg.statistics, "knn"), strict=True))
+    parts: dict[str, dict] = {}
+    for part, kind in kinds.items():
+        if kind not in normal:
+            continue
+        _, sel_parts = selection_score(normal[kind], anomalous[kind], masks, cfg)
+        reliability = min(max(map_spread(probe[kind]), 0.0), 1.0)
+        parts[part] = {"separation": above_chance(sel_parts), "reliability": reliability}
+    best = max(p["separation"] for p in parts.values())
+    shares = [
+        parts[part]["reliability"] ** MIX_TRUST_POWER
+        * math.exp((parts[part]["separation"] - best) / MIX_TEMPERATURE)
+        if part in parts
+        else 0.0
+        for part in MIX
+    ]
+    total = sum(shares)
+    mix = tuple(x / total for x in shares) if total > 0 else (1.0, 0.0, 0.0)
+    return mix, parts
+
+
+MIX_TRUST_POWER = 2.0
+MIX_TEMPERATURE = 0.01  # separation points per e-fold of share
+# AUPRO of a map that knows nothing: PRO ~ FPR, integrated up to 0.3 and divided by it
+AUPRO_CHANCE = 0.15
+
+
+def above_chance(parts: dict) -> float:
+    """Separation of synthetic defects above chance, 0 (chance) to 1 (perfect): the mean of
+    image AUROC and AUPRO, each rescaled from its chance level."""
+    img = (parts["val_image_auroc"] - 0.5) / 0.5
+    pro = (parts["val_aupro"] - AUPRO_CHANCE) / (1 - AUPRO_CHANCE)
+    return max(0.5 * (img + pro), 0.0)
+
+
+def mix_text(mix: tuple[float, float, float], parts: dict | None = None) -> str:
+    """rec/stat/knn shares, and with ``parts`` each one's separation and reliability."""
+    text = "/".join(f"{x:.2f}" for x in mix)
+    if parts:
+        text += (
+            " ("
+            + ", ".join(
+                f"{p}: separation {v['separation']:.3f} reliability {v['reliability']:.3f}"
+                for p, v in parts.items()
+            )
+            + ")"
+        )
+    return text
+
+
 # At most this many training images fit the residual Gaussian (a seeded subset beyond): a
 # 256-image fit cost cpu-small 0.016 image AUROC against all 602 of magnetic_tile's.
 RESIDUAL_FIT_IMAGES = 1024
@@ -219,6 +327,11 @@ def select_inference(
     g = torch.Generator().manual_seed(tcfg.seed)
     n_fit = min(len(prep.train_phi), RESIDUAL_FIT_IMAGES)
     residual_phi = prep.train_phi[torch.randperm(len(prep.train_phi), generator=g)[:n_fit]]
+    probe_phi = prep.train_phi[torch.randperm(len(prep.train_phi), generator=g)[:PROBE_IMAGES]]
+
+    def on_scale(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {kind: norms[kind](m) for kind, m in maps.items()}
+
     best: tuple[float, ModelConfig, AnomalyConfig, dict] | None = None
     tried: dict[str, float] = {}
     for passes, layout in dict.fromkeys(trials):
@@ -239,12 +352,30 @@ def select_inference(
         normal, _ = predict_evidence(detector, prep.val_normal_phi, preset, device, bs)
         anomalous, _ = predict_evidence(detector, prep.val_anomalous_phi, preset, device, bs)
         fitted.update({kind: norms[kind].fit(m).state_dict() for kind, m in normal.items()})
-        for stat, w, source in itertools.product(stats, weights, sources):
-            if w >= 1 and stat != stats[0] and source == "map":
-                continue  # the reconstruction alone: already tried
-            anomaly_cfg = dataclasses.replace(
-                preset.anomaly, w_reconstruction=w, statistics=stat, image_evidence=source
-            )
+        candidates = []  # (AnomalyConfig, its label)
+        select_mix = tcfg.select_mix and detector.gaussian is not None
+        if select_mix:  # training images' maps: each evidence's reliability
+            on_train = on_scale(predict_evidence(detector, probe_phi, preset, device, bs)[0])
+            on_val = on_scale(normal), on_scale(anomalous)
+        for stat in stats:
+            if select_mix:
+                base = dataclasses.replace(preset.anomaly, statistics=stat)
+                mix, mix_parts = evidence_mix(*on_val, on_train, masks, base)
+                echo(f"[{category}] evidence mix ({stat}): {mix_text(mix, mix_parts)}")
+                for source in dict.fromkeys(("map", *sources)):
+                    if source == "statistics" and mix[1] < max(mix):
+                        continue  # the image score from the statistics only where they lead
+                    anomaly_cfg = dataclasses.replace(with_mix(base, mix), image_evidence=source)
+                    candidates.append((anomaly_cfg, f"{stat} mix={mix_text(mix)} image={source}"))
+                continue
+            for w, source in itertools.product(weights, sources):
+                if w >= 1 and stat != stats[0] and source == "map":
+                    continue  # the reconstruction alone: already tried
+                anomaly_cfg = dataclasses.replace(
+                    preset.anomaly, w_reconstruction=w, statistics=stat, image_evidence=source
+                )
+                candidates.append((anomaly_cfg, f"{stat} w_rec={w:g} image={source}"))
+        for anomaly_cfg, what in candidates:
             evidence = (normal, anomalous)
             fused = [detector.fuse(m, anomaly_cfg) for m in evidence]
             image_maps = tuple(
@@ -252,10 +383,7 @@ def select_inference(
             )
             sel, parts = selection_score(*fused, masks, anomaly_cfg, image_maps)
             anomaly_cfg = dataclasses.replace(anomaly_cfg, score=parts["score_kind"])
-            label = (
-                f"passes={passes}/{layout} {stat} w_rec={w:g} image={source} "
-                f"score={parts['score_kind']}"
-            )
+            label = f"passes={passes}/{layout} {what} score={parts['score_kind']}"
             tried[label] = sel
             echo(f"[{category}] selection {sel:.4f} with {label}")
             if best is None or sel > best[0]:

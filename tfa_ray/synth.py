@@ -366,13 +366,14 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return yy, xx
 
 
-def _object(size: int, rng: np.random.Generator) -> np.ndarray:
+def _object(size: int, rng: np.random.Generator, pose_jitter: float = 0.03) -> np.ndarray:
     """A hex nut on a plain dark table: chamfered corners, threaded hole, top-left light;
-    small random jitter of position, rotation and brightness between images."""
+    random jitter of position (``pose_jitter`` of the image size), rotation and brightness
+    between images. A small jitter is a fixtured part; 0.15 is an object whose pose varies."""
     yy, xx = _grid(size)
-    cx = size / 2 + rng.uniform(-0.03, 0.03) * size
-    cy = size / 2 + rng.uniform(-0.03, 0.03) * size
-    theta = np.deg2rad(rng.uniform(-10, 10))
+    cx = size / 2 + rng.uniform(-pose_jitter, pose_jitter) * size
+    cy = size / 2 + rng.uniform(-pose_jitter, pose_jitter) * size
+    theta = np.deg2rad(rng.uniform(-10, 10) * max(1.0, pose_jitter / 0.03))
     bright = rng.uniform(0.92, 1.08)
     apothem = 0.30 * size
     px, py = xx - np.float32(cx), yy - np.float32(cy)
@@ -400,10 +401,15 @@ def _object(size: int, rng: np.random.Generator) -> np.ndarray:
 _GENERATORS = {"texture": _texture, "object": _object}
 
 
-def make_image(category: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One normal ``(size, size, 3)`` uint8 image of a synthetic category."""
+def make_image(
+    category: str, size: int, rng: np.random.Generator, pose_jitter: float | None = None
+) -> np.ndarray:
+    """One normal ``(size, size, 3)`` uint8 image of a synthetic category; ``pose_jitter``
+    (objects only) widens the position jitter from its default 0.03 of the image size."""
     if category not in _GENERATORS:
         raise ValueError(f"unknown synthetic category {category!r}; choose from {CATEGORIES}")
+    if pose_jitter is not None and category == "object":
+        return _object(size, rng, pose_jitter)
     return _GENERATORS[category](size, rng)
 
 
@@ -422,6 +428,7 @@ def make_dataset(
     n_test_defect: int = 24,
     size: int = 256,
     seed: int = 0,
+    pose_jitter: float | None = None,
 ) -> list[str]:
     """Write an MVTec AD layout dataset under ``root`` (local or ``s3://``); returns the
     category names.
@@ -429,7 +436,8 @@ def make_dataset(
     Test defects cycle through :data:`KINDS` and each gets an exact 0/255 mask in
     ``ground_truth/<kind>/<stem>_mask.png``. Every image has its own seed derived from
     (seed, category, split, index), so the same call writes byte-identical files and a
-    category's images do not depend on which other categories are generated.
+    category's images do not depend on which other categories are generated. ``pose_jitter``:
+    see :func:`make_image`.
     """
     if size < 32:
         raise ValueError(f"size must be at least 32, got {size}")
@@ -444,16 +452,16 @@ def make_dataset(
 
         cat = storage.join(root, category)
         for i in range(n_train):
-            img = make_image(category, size, rng_for(0, i))
+            img = make_image(category, size, rng_for(0, i), pose_jitter)
             storage.write_bytes(storage.join(cat, "train", "good", f"{i:03d}.png"), _png(img))
         for i in range(n_test_good):
-            img = make_image(category, size, rng_for(1, i))
+            img = make_image(category, size, rng_for(1, i), pose_jitter)
             storage.write_bytes(storage.join(cat, "test", "good", f"{i:03d}.png"), _png(img))
         counts = dict.fromkeys(KINDS, 0)
         for i in range(n_test_defect):
             rng = rng_for(2, i)
             kind = KINDS[i % len(KINDS)]
-            img, mask = paint_defect(make_image(category, size, rng), rng, kind)
+            img, mask = paint_defect(make_image(category, size, rng, pose_jitter), rng, kind)
             stem = f"{counts[kind]:03d}"
             counts[kind] += 1
             storage.write_bytes(storage.join(cat, "test", kind, f"{stem}.png"), _png(img))
