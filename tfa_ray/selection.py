@@ -218,9 +218,12 @@ PROBE_IMAGES = 64
 def map_spread(maps: torch.Tensor) -> float:
     """The normal-pixel spread MapNorm puts at 1 on held-out normals: q99.9 - median."""
     flat = maps.float().flatten()
-    if flat.numel() > 4_000_000:
-        flat = flat[torch.randint(flat.numel(), (4_000_000,), generator=torch.Generator())]
-    low, high = torch.quantile(flat, torch.tensor([0.5, 0.999])).tolist()
+    if flat.numel() > 4_000_000:  # a seeded sample, drawn where the maps live
+        g = torch.Generator(device=flat.device).manual_seed(0)
+        idx = torch.randint(flat.numel(), (4_000_000,), generator=g, device=flat.device)
+        flat = flat[idx]
+    q = torch.tensor([0.5, 0.999], device=flat.device)
+    low, high = torch.quantile(flat, q).tolist()
     return high - low
 
 
