@@ -8,8 +8,10 @@ reads; this module never logs them or puts them into error messages.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
@@ -200,21 +202,9 @@ def write_bytes(url: str, data: bytes, endpoint_url: str | None = None) -> None:
     reader never sees half a file; S3 PUTs are atomic already."""
     fs, path = get_fs(url, endpoint_url)
     if isinstance(fs, LocalFileSystem):
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        # hidden temp name: listings skip it; mode 0o666 minus umask like a plain open()
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
+        with _replacing(path) as tmp:  # mode 0o666 minus umask, like a plain open()
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
                 f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
         return
     try:
         fs.pipe_file(path, data)
@@ -227,20 +217,26 @@ def put_file(local_path: str, url: str, endpoint_url: str | None = None) -> None
     one upload (an object appears whole or not at all)."""
     fs, path = get_fs(url, endpoint_url)
     if isinstance(fs, LocalFileSystem):
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
+        with _replacing(path) as tmp:
             fs.put_file(local_path, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
         return
     fs.put_file(local_path, path)
+
+
+@contextlib.contextmanager
+def _replacing(path: str) -> Iterator[str]:
+    """A hidden temp name beside local ``path`` (listings skip it), renamed onto ``path`` when
+    the block succeeds and removed when it fails: readers see the old file or the new one."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def remove(url: str, endpoint_url: str | None = None) -> None:
