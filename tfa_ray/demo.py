@@ -183,6 +183,8 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
             "heatmap_png",
             "heatmap_low",
             "heatmap_high",
+            "width",
+            "height",
         ],  # fmt: skip
     ).to_pylist()
     metrics = ground_truth_metrics(results, truth)
