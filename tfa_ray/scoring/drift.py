@@ -31,7 +31,6 @@ Rows are streamed one record batch at a time: per category, counts at the calibr
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -42,13 +41,14 @@ import numpy as np
 
 from tfa_ray import storage
 from tfa_ray.calibration import REFERENCE_PRECISION, Calibration, Calibrations
+from tfa_ray.scoring.contract import OK as STATUS_OK
+from tfa_ray.scoring.contract import OUTPUT_SCHEMA
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DriftRules",
     "category_drift",
-    "finished_runs",
     "flag_rate_check",
     "ks_statistic",
     "load_calibrations",
@@ -327,9 +327,6 @@ def run_drift(
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from tfa_ray.scoring.contract import OK as STATUS_OK
-    from tfa_ray.scoring.contract import OUTPUT_SCHEMA
-
     fs, path = storage.get_fs(run_dir, endpoint_url)
     dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA)
     thresholds = _thresholds(dataset, STATUS_OK)
@@ -385,26 +382,3 @@ def drift_section(
     except Exception as e:  # noqa: BLE001
         log.warning("drift of %s not computed: %s", run_dir, e, exc_info=True)
         return {"error": f"{type(e).__name__}: {e}", "categories": {}}
-
-
-# --------------------------------------------------------------------------------------
-# the last runs of an output root
-
-
-def finished_runs(root: str, last: int, endpoint_url: str | None = None) -> list[dict[str, Any]]:
-    """The ``_SUCCESS`` contents (with ``run_dir``) of the last ``last`` finished runs under
-    the output root ``root``, oldest first, ordered by their ``finished`` time."""
-    from tfa_ray.scoring.contract import SUCCESS_FILE
-
-    runs = []
-    for d in storage.list_dirs(root, endpoint_url):
-        if not d.rstrip("/").rsplit("/", 1)[-1].startswith("run_id="):
-            continue
-        url = storage.join(d, SUCCESS_FILE)
-        try:
-            success = json.loads(storage.read_bytes(url, endpoint_url))
-        except FileNotFoundError:
-            continue  # not finished (yet)
-        runs.append(dict(success, run_dir=d))
-    runs.sort(key=lambda r: (str(r.get("finished") or ""), str(r.get("run_id") or "")))
-    return runs[-last:] if last > 0 else []
