@@ -25,12 +25,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python benchmarks/accuracy.py`: the repo root on the path,
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*`
 
 import numpy as np
 import torch
-from baselines import BATCH, baseline_rows, per_defect, test_split
 
+from benchmarks.baselines import BATCH, baseline_rows, per_defect, test_split
 from tfa_ray.anomaly import image_score
 from tfa_ray.config import AnomalyConfig, get_preset
 from tfa_ray.data import discover, load_image

@@ -40,6 +40,10 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python benchmarks/feed.py`: the repo root on the path, for
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*`
 
 import numpy as np
 from PIL import Image
@@ -276,8 +280,7 @@ def main() -> None:
     import ray
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from scoring import make_model  # the benchmark package of benchmarks/scoring.py
+    from benchmarks.scoring import make_model
 
     os.makedirs(args.workdir, exist_ok=True)
     t = time.perf_counter()

@@ -15,6 +15,7 @@ from scipy import stats
 
 from tfa_ray import drift, report, storage
 from tfa_ray.calibration import Calibration, calibrate
+from tfa_ray.scoring import drift as scoring_drift
 from tfa_ray.scoring.contract import SUCCESS_FILE, run_dir_url, shard_file, to_table
 
 REF = np.random.default_rng(0).normal(1.0, 0.2, size=75)  # the calibration normals' scores
@@ -26,7 +27,7 @@ def _calibration(ref=REF, target_fpr: float = 0.01) -> Calibration:
 
 def _drift(scores, cal: Calibration | None, flagged: int | None = None, errors: int = 0) -> dict:
     ref = cal.normal_scores if cal else ()
-    acc = drift._Accumulator(np.asarray(ref), drift.DriftRules())
+    acc = scoring_drift._Accumulator(np.asarray(ref), drift.DriftRules())
     scores = np.asarray(scores)
     if flagged is None:
         flagged = int((scores >= cal.threshold).sum())

@@ -362,7 +362,7 @@ def build_report(
     from markupsafe import Markup
 
     from tfa_ray.drift import finished_runs
-    from tfa_ray.scoring import SUCCESS_FILE, read_results
+    from tfa_ray.scoring.contract import SUCCESS_FILE, read_results
 
     trend = None
     if last is not None:

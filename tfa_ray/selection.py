@@ -14,8 +14,6 @@ import copy
 import dataclasses
 import itertools
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,18 +27,7 @@ from tfa_ray.model import Detector
 from tfa_ray.package import autocast as package_autocast
 from tfa_ray.package import autocast_at
 from tfa_ray.synth import KINDS, LARGE_KINDS, paint_defect
-
-if TYPE_CHECKING:
-    from tfa_ray.training import Prepared, TrainState
-
-
-@dataclass
-class ValidationSet:
-    """Held-out normal images plus copies with pasted synthetic anomalies and their masks."""
-
-    normal: torch.Tensor  # (V, 3, S, S) uint8
-    anomalous: torch.Tensor  # (A, 3, S, S) uint8
-    masks: torch.Tensor  # (A, S, S) bool
+from tfa_ray.train_state import Prepared, TrainState, ValidationSet
 
 
 def split_train_val(

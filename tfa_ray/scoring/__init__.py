@@ -10,7 +10,8 @@ Modules, one concern each: ``contract`` (output layout, schema, reading, verific
 out of core), ``plan`` (categories, models, shards, resume), ``verify`` (every path exactly
 once, streamed), ``stages`` (the three Ray Data stages, one module each: ``decode``,
 ``scorer``, ``write``; ``shard`` is the row that travels between them), ``lease`` (one run at
-a time per run id), ``driver`` (the run), ``args`` (command line options).
+a time per run id), ``drift`` (the finished run's drift, into its ``_SUCCESS``), ``driver``
+(the run), ``args`` (command line options).
 """
 
 from tfa_ray.scoring.args import add_score_arguments, config_from_args

@@ -13,7 +13,8 @@ Exactly once, by construction:
   retried shard is still written exactly once, under the same name.
 * ``<run>/_SUCCESS`` (JSON with counts) is written only after the driver has checked that every
   planned path is in the output exactly once. It also carries the run's drift per category
-  (flag rate against target, scores against the calibration normals: :mod:`tfa_ray.drift`).
+  (flag rate against target, scores against the calibration normals:
+  :mod:`tfa_ray.scoring.drift`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tfa_ray import storage
-from tfa_ray.drift import drift_section
 from tfa_ray.scoring.config import RunSummary, ScoreConfig
 from tfa_ray.scoring.contract import SUCCESS_FILE, run_dir_url
+from tfa_ray.scoring.drift import drift_section
 from tfa_ray.scoring.lease import hold
 from tfa_ray.scoring.models import RegistryResolver, Resolver
 from tfa_ray.scoring.plan import Plan, load_or_make_plan, pending_shards
