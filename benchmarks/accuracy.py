@@ -37,11 +37,11 @@ import torch
 
 from benchmarks.baselines import BATCH, baseline_rows, per_defect, test_split
 from tfa_ray.anomaly import image_score
+from tfa_ray.choices import mix_of, with_mix
 from tfa_ray.config import AnomalyConfig, get_preset
 from tfa_ray.data import discover, load_image
 from tfa_ray.metrics import evaluate
 from tfa_ray.package import save_model
-from tfa_ray.selection import mix_of, with_mix
 from tfa_ray.training import fit
 
 BACKBONE = get_preset("cpu-small").model.backbone
@@ -217,6 +217,7 @@ def run_variant(name: str, data, args) -> list[dict]:
             result.preset,
             result.calibration,
             {"category": data.category, "history": result.history},
+            result.choice,
         )
     return evidence_rows(result, data, base, name, args.focus)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tfa_ray import cli
+from tfa_ray.choices import InferenceChoice
 from tfa_ray.config import get_preset
 from tfa_ray.data import BadImagesError, discover
 from tfa_ray.evaluation import evaluate_model
@@ -136,6 +137,26 @@ def test_package_round_trip_gives_identical_scores(trained, tmp_path):
     assert torch.allclose(got, expected, atol=1e-5) and expected.abs().sum() > 0
     assert model.calibrations == result.calibration
     assert model.meta["category"] == "texture"
+
+
+def test_selection_returns_a_record_that_the_package_keeps(trained, tmp_path):
+    """What the selection chose is a frozen record: it configures the preset and the detector,
+    travels in the package (selection.json), and a package without one still loads."""
+    _, preset, result, _ = trained
+    choice = result.choice
+    assert isinstance(choice, InferenceChoice)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        choice.score = "max"
+    assert choice.apply(preset) == result.preset  # the packaged preset is the record applied
+    assert result.detector.cfg == result.preset.model
+    assert choice.selection_score == result.selection_score == max(dict(choice.tried).values())
+    assert abs(sum(choice.mix) - 1) < 1e-9 and choice.score == result.preset.anomaly.score
+    url = str(tmp_path / "model")
+    save_model(url, result.detector, result.preset, result.calibration, {}, choice)
+    assert load_model(url).choice == choice
+    (tmp_path / "model" / "selection.json").unlink()  # as written before the record existed
+    old = load_model(url)
+    assert old.choice is None and old.preset == result.preset
 
 
 def test_load_model_refuses_an_incomplete_package(tmp_path):

@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "history": result.history,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    save_model(args.output, result.detector, result.preset, result.calibration, meta)
+    save_model(args.output, result.detector, result.preset, result.calibration, meta, result.choice)
     print(f"model written to {args.output}")
     return 0
 

@@ -8,6 +8,8 @@ A package is a directory (local or any fsspec URL) holding
     calibration.json      threshold and score statistics from held-out normal images, one
                           entry per precision a scorer may compute at (fp32, bf16, fp16)
     meta.json             category, metrics, training facts
+    selection.json        what the selection chose and tried (InferenceChoice; packages written
+                          before it existed, and models not trained here, have none)
 
 It is the local form of the MLflow package: the registry logs this directory as artifacts.
 Loading reads safetensors and JSON only; nothing is ever unpickled.
@@ -28,10 +30,12 @@ from safetensors.torch import save as save_safetensors
 
 from tfa_ray import storage
 from tfa_ray.calibration import Calibration, Calibrations
+from tfa_ray.choices import InferenceChoice
 from tfa_ray.config import PRECISIONS, Preset, preset_from_json, preset_to_json
 from tfa_ray.model import Detector
 
 FILES = ("weights.safetensors", "config.json", "template.png", "calibration.json", "meta.json")
+SELECTION_FILE = "selection.json"  # optional: older packages have none
 
 # The precision policy, one for every forward pass that scores or calibrates: "auto" is bf16
 # autocast on CUDA devices that run bf16 natively (compute capability 8.0+: Ampere and later),
@@ -139,6 +143,7 @@ class TFAModel:
     calibrations: Calibrations  # a single Calibration is taken as the fp32 entry
     meta: dict = field(default_factory=dict)
     precision: str = "auto"  # see PRECISIONS
+    choice: InferenceChoice | None = None  # the selection's record, where the package has one
 
     def __post_init__(self) -> None:
         if isinstance(self.calibrations, Calibration):
@@ -185,9 +190,11 @@ def save_model(
     preset: Preset,
     calibration: Calibrations | Calibration,
     meta: dict | None = None,
+    choice: InferenceChoice | None = None,
 ) -> str:
     """Write a model package to ``url`` (a directory); returns the url. A single
-    ``Calibration`` is written as the fp32 entry."""
+    ``Calibration`` is written as the fp32 entry; ``choice``, the selection's record, as
+    selection.json."""
     if isinstance(calibration, Calibration):
         calibration = Calibrations.single(calibration)
     state = {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()}
@@ -199,6 +206,8 @@ def save_model(
         storage.join(url, "meta.json"),
         json.dumps(meta or {}, indent=2, sort_keys=True, default=str).encode(),
     )
+    if choice is not None:
+        storage.write_bytes(storage.join(url, SELECTION_FILE), choice.to_json().encode())
     return url
 
 
@@ -220,4 +229,10 @@ def load_model(url: str, device: str | torch.device = "cpu") -> TFAModel:
         storage.read_bytes(storage.join(url, "calibration.json")).decode()
     )
     meta = json.loads(storage.read_bytes(storage.join(url, "meta.json")))
-    return TFAModel(detector.to(device), preset, calibration, meta)
+    choice_url = storage.join(url, SELECTION_FILE)
+    choice = (
+        InferenceChoice.from_json(storage.read_bytes(choice_url).decode())
+        if storage.exists(choice_url)
+        else None
+    )
+    return TFAModel(detector.to(device), preset, calibration, meta, choice=choice)

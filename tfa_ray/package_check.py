@@ -16,6 +16,7 @@ from typing import Any
 
 from tfa_ray import storage
 from tfa_ray.calibration import Calibrations
+from tfa_ray.choices import InferenceChoice
 
 # the fields a calibration entry needs as numbers (tfa_ray.calibration.Calibration)
 CALIBRATION_NUMBERS = (
@@ -108,3 +109,8 @@ def check_package(url: str, endpoint_url: str | None = None) -> None:
     except (ValueError, TypeError, KeyError) as e:
         raise PackageError(f"calibration.json: {e}") from None
     check_weights(read("weights.safetensors"))
+    if storage.exists(storage.join(url, "selection.json"), endpoint_url):  # older ones have none
+        try:
+            InferenceChoice.from_json(read("selection.json").decode())
+        except (ValueError, TypeError, KeyError) as e:
+            raise PackageError(f"selection.json: {e}") from None

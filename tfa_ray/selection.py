@@ -20,7 +20,8 @@ import torch
 
 from tfa_ray.anomaly import image_score, reconstruction_loss
 from tfa_ray.calibration import CALIBRATED_PRECISIONS, Calibrations, calibrate
-from tfa_ray.config import AnomalyConfig, ModelConfig, Preset
+from tfa_ray.choices import MIX, InferenceChoice, mix_of, mix_text, with_mix
+from tfa_ray.config import AnomalyConfig, Preset
 from tfa_ray.data import load_image
 from tfa_ray.metrics import aupro, image_auroc
 from tfa_ray.model import Detector
@@ -129,29 +130,6 @@ def predict_evidence(
             maps.setdefault(kind, []).append(m.float().cpu())
         losses.append(loss.item() * len(x))
     return {k: torch.cat(v) for k, v in maps.items()}, sum(losses) / len(phi)
-
-
-MIX = ("reconstruction", "statistics", "knn")  # the fused map's parts, in this order
-
-
-def mix_of(cfg: AnomalyConfig, knn: bool = True) -> tuple[float, float, float]:
-    """The fused map's shares (reconstruction, statistics, kNN), summing to 1: ``fuse`` is
-    ``(w * rec + (1 - w) * stat + w_knn * knn) / (1 + w_knn)``."""
-    w_knn = cfg.w_knn if knn else 0.0
-    return (
-        cfg.w_reconstruction / (1 + w_knn),
-        (1 - cfg.w_reconstruction) / (1 + w_knn),
-        w_knn / (1 + w_knn),
-    )
-
-
-def with_mix(cfg: AnomalyConfig, mix: tuple[float, float, float]) -> AnomalyConfig:
-    """``cfg`` fusing the maps with shares (reconstruction, statistics, kNN) (any scale): the
-    inverse of :func:`mix_of`. A kNN-only mix keeps a share of 1e-3 on the other two."""
-    rec, stat, knn = (max(float(x), 0.0) for x in mix)
-    base = max(rec + stat, 1e-3 * (rec + stat + knn), 1e-12)
-    w_rec = rec / (rec + stat) if rec + stat > 0 else 0.0
-    return dataclasses.replace(cfg, w_reconstruction=w_rec, w_knn=knn / base)
 
 
 SCORE_KINDS = ("max", "std", "topk")  # max first: PaDiM's and PatchCore's image score
@@ -281,21 +259,6 @@ def above_chance(parts: dict) -> float:
     return max(0.5 * (img + pro), 0.0)
 
 
-def mix_text(mix: tuple[float, float, float], parts: dict | None = None) -> str:
-    """rec/stat/knn shares, and with ``parts`` each one's separation and reliability."""
-    text = "/".join(f"{x:.2f}" for x in mix)
-    if parts:
-        text += (
-            " ("
-            + ", ".join(
-                f"{p}: separation {v['separation']:.3f} reliability {v['reliability']:.3f}"
-                for p, v in parts.items()
-            )
-            + ")"
-        )
-    return text
-
-
 # At most this many training images fit the residual Gaussian (a seeded subset beyond): a
 # 256-image fit cost cpu-small 0.016 image AUROC against all 602 of magnetic_tile's.
 RESIDUAL_FIT_IMAGES = 1024
@@ -303,12 +266,12 @@ RESIDUAL_FIT_IMAGES = 1024
 
 def select_inference(
     state: TrainState, prep: Prepared, preset: Preset, device: torch.device, category: str, echo
-) -> tuple[Preset, float, dict]:
-    """On the selection split only: test-time masking, the statistical map and its fusion
-    weight, what the image score is taken from and its kind, for the best epoch's weights.
-    Fits the residual Gaussian on the training split and each map's normal scale on the
-    selection normals, for each test-time masking tried. Returns the resolved preset, its
-    selection score and every variant's score."""
+) -> InferenceChoice:
+    """On the selection split only: test-time masking, the statistical map and the evidence
+    mix, what the image score is taken from and its kind, for the best epoch's weights. Fits the
+    residual Gaussian on the training split and each map's normal scale on the selection
+    normals, for each test-time masking tried; the detector keeps the chosen one's. Returns the
+    record of the choices (``choice.apply(preset)`` is the preset to package)."""
     detector, tcfg = state.detector, preset.train
     trials = [(preset.model.test_mask_passes, preset.model.test_mask_layout)]
     trials += [(p, "lattice") for p in tcfg.try_test_mask_passes]
@@ -333,13 +296,13 @@ def select_inference(
     def on_scale(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {kind: norms[kind](m) for kind, m in maps.items()}
 
-    best: tuple[float, ModelConfig, AnomalyConfig, dict] | None = None
+    base_model_cfg = detector.cfg
+    best: tuple[InferenceChoice, dict] | None = None
     tried: dict[str, float] = {}
     for passes, layout in dict.fromkeys(trials):
-        model_cfg = dataclasses.replace(
-            preset.model, test_mask_passes=passes, test_mask_layout=layout
+        detector.cfg = dataclasses.replace(
+            base_model_cfg, test_mask_passes=passes, test_mask_layout=layout
         )
-        detector.cfg = model_cfg
         fitted = {}
         if detector.residual_gaussian is not None:
             t0 = time.perf_counter()
@@ -353,7 +316,7 @@ def select_inference(
         normal, _ = predict_evidence(detector, prep.val_normal_phi, preset, device, bs)
         anomalous, _ = predict_evidence(detector, prep.val_anomalous_phi, preset, device, bs)
         fitted.update({kind: norms[kind].fit(m).state_dict() for kind, m in normal.items()})
-        candidates = []  # (AnomalyConfig, its label)
+        candidates = []  # (AnomalyConfig, its mix, the evidence behind it, its label)
         select_mix = tcfg.select_mix and detector.gaussian is not None
         if select_mix:  # training images' maps: each evidence's reliability
             on_train = on_scale(predict_evidence(detector, probe_phi, preset, device, bs)[0])
@@ -363,11 +326,15 @@ def select_inference(
                 base = dataclasses.replace(preset.anomaly, statistics=stat)
                 mix, mix_parts = evidence_mix(*on_val, on_train, masks, base)
                 echo(f"[{category}] evidence mix ({stat}): {mix_text(mix, mix_parts)}")
+                signals = tuple(
+                    (part, v["separation"], v["reliability"]) for part, v in mix_parts.items()
+                )
                 for source in dict.fromkeys(("map", *sources)):
                     if source == "statistics" and mix[1] <= 0:
                         continue  # the image score from the statistics only where they count
                     anomaly_cfg = dataclasses.replace(with_mix(base, mix), image_evidence=source)
-                    candidates.append((anomaly_cfg, f"{stat} mix={mix_text(mix)} image={source}"))
+                    label = f"{stat} mix={mix_text(mix)} image={source}"
+                    candidates.append((anomaly_cfg, mix, signals, label))
                 continue
             for w, source in itertools.product(weights, sources):
                 if w >= 1 and stat != stats[0] and source == "map":
@@ -375,26 +342,38 @@ def select_inference(
                 anomaly_cfg = dataclasses.replace(
                     preset.anomaly, w_reconstruction=w, statistics=stat, image_evidence=source
                 )
-                candidates.append((anomaly_cfg, f"{stat} w_rec={w:g} image={source}"))
-        for anomaly_cfg, what in candidates:
+                label = f"{stat} w_rec={w:g} image={source}"
+                candidates.append((anomaly_cfg, mix_of(anomaly_cfg), (), label))
+        for anomaly_cfg, mix, signals, what in candidates:
             evidence = (normal, anomalous)
             fused = [detector.fuse(m, anomaly_cfg) for m in evidence]
             image_maps = tuple(
                 detector.score_maps(m, f, anomaly_cfg) for m, f in zip(evidence, fused, strict=True)
             )
             sel, parts = selection_score(*fused, masks, anomaly_cfg, image_maps)
-            anomaly_cfg = dataclasses.replace(anomaly_cfg, score=parts["score_kind"])
             label = f"passes={passes}/{layout} {what} score={parts['score_kind']}"
             tried[label] = sel
             echo(f"[{category}] selection {sel:.4f} with {label}")
-            if best is None or sel > best[0]:
-                best = (sel, model_cfg, anomaly_cfg, copy.deepcopy(fitted))
-    sel, model_cfg, anomaly_cfg, fitted = best
-    detector.cfg = model_cfg
+            if best is None or sel > best[0].selection_score:
+                choice = InferenceChoice(
+                    test_mask_passes=passes,
+                    test_mask_layout=layout,
+                    statistics=anomaly_cfg.statistics,
+                    mix=mix,
+                    image_evidence=anomaly_cfg.image_evidence,
+                    score=parts["score_kind"],
+                    selection_score=sel,
+                    evidence=signals,
+                )
+                best = (choice, copy.deepcopy(fitted))
+    choice, fitted = best
+    choice = dataclasses.replace(choice, tried=tuple(tried.items()))
+    # the detector configured once, from the record, with the chosen trial's fitted maps
+    detector.cfg = choice.apply(preset).model
     for kind, fitted_state in fitted.items():
         module = detector.residual_gaussian if kind == "residual_gaussian" else norms[kind]
         module.load_state_dict(fitted_state)
-    return dataclasses.replace(preset, model=model_cfg, anomaly=anomaly_cfg), sel, tried
+    return choice
 
 
 @torch.no_grad()

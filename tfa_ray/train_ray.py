@@ -214,6 +214,7 @@ def worker_loop(config: dict) -> None:
                 result.preset,
                 result.calibration,
                 meta,
+                result.choice,
             )
             del result  # the package is the model now; its GPU memory is free for evaluation
             summary["test_metrics"] = evaluate_package(pkg, data, device)

@@ -27,6 +27,7 @@ import torch
 
 from tfa_ray.anomaly import reconstruction_loss
 from tfa_ray.calibration import Calibrations
+from tfa_ray.choices import InferenceChoice
 from tfa_ray.config import Preset
 from tfa_ray.data import CategoryData, check_images, load_image, template_path
 from tfa_ray.distributed import (
@@ -77,7 +78,13 @@ class TrainResult:
     num_train: int = 0
     num_val: int = 0  # selection split
     num_calib: int = 0  # calibration split
-    selection: dict = field(default_factory=dict)  # every inference variant tried, and its score
+    # what the selection chose and every variant it tried; None on the ranks > 0
+    choice: InferenceChoice | None = None
+
+    @property
+    def selection(self) -> dict[str, float]:
+        """Every inference variant tried, and its selection score."""
+        return dict(self.choice.tried) if self.choice else {}
 
 
 def learning_rate(base: float, progress: float, warmup: float = 0.05) -> float:
@@ -406,14 +413,13 @@ def fit(
         )
     detector.net.load_state_dict(state.best_net)
     detector.eval()
-    preset, sel, tried = select_inference(state, prep, preset, device, data.category, echo)
+    choice = select_inference(state, prep, preset, device, data.category, echo)
+    preset, sel = choice.apply(preset), choice.selection_score
     calibration = calibrate_model(detector, prep, preset, device)
     wall = time.perf_counter() - t_start
     echo(
         f"[{data.category}] best epoch {state.best_epoch}; inference selected {sel:.4f}: "
-        f"test passes {preset.model.test_mask_passes} ({preset.model.test_mask_layout}), "
-        f"w_rec {preset.anomaly.w_reconstruction:g}, score {preset.anomaly.score} of the "
-        f"{preset.anomaly.image_evidence}; threshold "
+        f"{choice.text()}; threshold "
         f"{calibration.at('fp32').threshold:.5g} (fp32) at FPR {tcfg.target_fpr:g} from "
         f"{calibration.at('fp32').num_images} calibration images; {wall:.0f}s"
     )
@@ -429,5 +435,5 @@ def fit(
         num_train=len(prep.train_paths),
         num_val=len(prep.val_paths),
         num_calib=len(prep.calib_paths),
-        selection=tried,
+        choice=choice,
     )
