@@ -274,7 +274,7 @@ def section_pipeline(workdir: str) -> Iterator[Row]:
 def section_train(workdir: str) -> Iterator[Row]:
     import torch
 
-    from tfa_ray.package import autocast
+    from tfa_ray.precision import autocast
     from tfa_ray.training import training_loss
 
     device = torch.device(_cuda())

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-# Inference precisions (the policy itself: tfa_ray.package.autocast)
+# Inference precisions (the policy itself: tfa_ray.precision)
 PRECISIONS = ("auto", "bf16", "fp32")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -27,8 +27,8 @@ from tfa_ray.config import AnomalyConfig, ModelConfig, Preset
 from tfa_ray.data import load_image
 from tfa_ray.metrics import aupro, image_auroc
 from tfa_ray.model import Detector
-from tfa_ray.package import autocast as package_autocast
-from tfa_ray.package import autocast_at
+from tfa_ray.precision import autocast as package_autocast
+from tfa_ray.precision import autocast_at
 from tfa_ray.synth import KINDS, LARGE_KINDS, paint_defect
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def corrupted_copies(images: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def autocast(device: torch.device, training: bool = False):
-    """The package's precision policy at ``auto`` (:func:`tfa_ray.package.autocast_dtype`):
+    """The package's precision policy at ``auto`` (:func:`tfa_ray.precision.autocast_dtype`):
     selection and calibration run at the precision scoring will use."""
     return package_autocast("auto", device, training)
 
