@@ -291,7 +291,7 @@ def section_train(workdir: str) -> Iterator[Row]:
             _sync()
             t = time.perf_counter()
             with autocast("auto", device):
-                loss = training_loss(det, det.net, phi, phi, preset)
+                loss = training_loss(det, det.net, phi, preset)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

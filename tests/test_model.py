@@ -228,19 +228,6 @@ def test_block_masking_never_uses_the_positions_own_block():
         net.token_groups(4, "stripes")
 
 
-def test_feature_pool_averages_each_neighbourhood():
-    preset = get_preset("test-tiny")
-    img = torch.rand(1, 3, 64, 64)
-    plain = Detector(preset.model).eval()
-    pooled = Detector(dataclasses.replace(preset.model, feature_pool=3)).eval()
-    pooled.backbone.load_state_dict(plain.backbone.state_dict())
-    with torch.no_grad():
-        a, b = plain.features(img), pooled.features(img)
-    assert a.shape == b.shape
-    assert torch.allclose(b[0, :, 5, 7], a[0, :, 4:7, 6:9].mean(dim=(1, 2)), atol=1e-5)
-    assert torch.allclose(b[0, :, 0, 0], a[0, :, :2, :2].mean(dim=(1, 2)), atol=1e-5)
-
-
 def test_bf16_precision_on_cpu_is_engaged_and_close_to_fp32(tiny_model_dir):
     from tfa_ray.package import load_model
 

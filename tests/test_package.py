@@ -46,6 +46,7 @@ def test_a_package_written_before_issue_21_loads_and_scores_the_same(tmp_path):
 
     from tfa_ray.backbones import FeatureExtractor
     from tfa_ray.config import preset_from_json
+    from tfa_ray.package_check import check_package
 
     src = Path(__file__).parent / "data" / "package_a2d8127"
     pkg = tmp_path / "package"
@@ -58,6 +59,10 @@ def test_a_package_written_before_issue_21_loads_and_scores_the_same(tmp_path):
     (pkg / "part.safetensors").unlink()
     save_file(state, pkg / "weights.safetensors")
 
+    old_config = json.loads((pkg / "config.json").read_text())
+    assert old_config["model"]["feature_pool"] == 1  # fields removed since: accepted, ignored
+    assert old_config["train"]["denoise_fraction"] == 0.0
+    check_package(str(pkg))  # what scoring runs before it loads a package
     model = load_model(str(pkg))
     S = model.image_size
     images = torch.rand(4, 3, S, S, generator=torch.Generator().manual_seed(2))
@@ -66,3 +71,32 @@ def test_a_package_written_before_issue_21_loads_and_scores_the_same(tmp_path):
     assert model.detector.knn is not None and model.detector.residual_gaussian is not None
     np.testing.assert_allclose(scores.numpy(), expected["scores"], rtol=1e-5)
     np.testing.assert_allclose(maps.sum(dim=(1, 2)).numpy(), expected["map_sums"], rtol=1e-5)
+
+
+def test_removed_config_fields_load_only_when_they_were_off(caplog):
+    """A config.json from before a field was removed loads when the field held its off value
+    (a log line says it is ignored); with it on, the model would score differently than the
+    code now can: an error naming the field, not the generic unknown-field one."""
+    import logging
+
+    import pytest
+
+    from tfa_ray.config import get_preset, preset_from_dict, to_dict
+
+    preset = get_preset("test-tiny")
+    data = to_dict(preset)
+    data["model"]["feature_pool"] = 1
+    data["train"]["denoise_fraction"] = 0.0
+    with caplog.at_level(logging.INFO, logger="tfa_ray.config"):
+        assert preset_from_dict(data) == preset
+    assert "feature_pool" in caplog.text and "denoise_fraction" in caplog.text
+    assert data["model"]["feature_pool"] == 1  # the caller's dict is left as it was
+    for section, name, value in [("model", "feature_pool", 3), ("train", "denoise_fraction", 0.5)]:
+        bad = to_dict(preset)
+        bad[section][name] = value
+        with pytest.raises(ValueError, match=f"{name} = .*removed"):
+            preset_from_dict(bad)
+    bad = to_dict(preset)
+    bad["model"]["from_the_future"] = 1
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        preset_from_dict(bad)

@@ -286,9 +286,6 @@ class Detector(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """phi(I): standardised fused backbone features of (B, 3, S, S) images in [0, 1]."""
         phi = self.backbone(images)
-        p = self.cfg.feature_pool
-        if p > 1:
-            phi = F.avg_pool2d(phi, p, stride=1, padding=p // 2, count_include_pad=False)
         return (phi - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
 
     @torch.no_grad()
@@ -451,10 +448,6 @@ class Detector(nn.Module):
                 yield x - self.reconstruct(x).float()
 
         self.residual_gaussian.fit(residuals())
-
-    def anomaly_maps(self, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
-        """(B, 3, S, S) images in [0, 1] -> (B, S, S) anomaly maps."""
-        return self.detect(images, cfg)[0]
 
     def detect(self, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) images in [0, 1] -> (B, S, S) anomaly maps and (B,) image scores."""

@@ -104,16 +104,6 @@ def make_validation_set(
     return ValidationSet(images, torch.stack(anomalous), torch.stack(masks))
 
 
-def corrupted_copies(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """One copy of every training image with a pasted synthetic defect (denoising inputs)."""
-    rng = np.random.default_rng(seed + 2)
-    out = torch.empty_like(images)
-    for i, img in enumerate(images):
-        bad, _ = paste_synthetic(img.permute(1, 2, 0).numpy(), rng)
-        out[i] = torch.from_numpy(bad).permute(2, 0, 1)
-    return out
-
-
 def autocast(device: torch.device, training: bool = False):
     """The package's precision policy at ``auto`` (:func:`tfa_ray.precision.autocast_dtype`):
     selection and calibration run at the precision scoring will use."""
