@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from tfa_ray.calibration import heatmap_scale, heatmap_uint16
@@ -100,3 +101,50 @@ def test_removed_config_fields_load_only_when_they_were_off(caplog):
     bad["model"]["from_the_future"] = 1
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
         preset_from_dict(bad)
+
+
+@pytest.mark.parametrize("backbone", ["lite0", "resnet18-maxpool"])
+def test_load_model_builds_on_the_meta_device_and_scores_as_saved(backbone, tmp_path):
+    """``load_model`` builds the detector on the meta device and assigns the stored tensors:
+    the buffers computed in ``__init__`` (positions, pixel normalisation) get their values
+    again, parameters stay parameters (the net trainable, the backbone frozen), and the loaded
+    detector scores exactly like the one saved. ``resnet18-maxpool``: a tap outside timm's
+    feature API (the sequential fallback, whose order check needs values)."""
+    import dataclasses
+
+    from tfa_ray.calibration import calibrate
+    from tfa_ray.config import get_preset
+    from tfa_ray.model import Detector
+    from tfa_ray.package import save_model
+
+    preset = get_preset("test-tiny")
+    if backbone != "lite0":
+        bb = dataclasses.replace(
+            preset.model.backbone, name="resnet18", taps=("maxpool", "layer1"), weights="random"
+        )
+        preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, backbone=bb))
+    torch.manual_seed(0)
+    det = Detector(preset.model, templates=torch.rand(3, 64, 64)).eval()
+    cal = calibrate(np.linspace(0, 1, 20), np.random.default_rng(0).random((4, 8, 8)))
+    save_model(str(tmp_path / "m"), det, preset, cal)
+
+    random = dataclasses.replace(preset.model.backbone, weights="random")
+    with torch.device("meta"):
+        empty = Detector(dataclasses.replace(preset.model, backbone=random))
+    with pytest.raises(RuntimeError, match="no values for"):
+        empty.init_fixed_buffers()  # nothing assigned: parameters are left without values
+
+    loaded = load_model(str(tmp_path / "m")).detector
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    for name in ("backbone.mean", "backbone.std", "net.pos_embed"):
+        want = det.get_buffer(name)
+        got = loaded.get_buffer(name)
+        assert got.device.type == "cpu" and torch.equal(got, want), name
+    assert all(isinstance(p, torch.nn.Parameter) for p in loaded.parameters())
+    assert all(p.requires_grad for p in loaded.net.parameters())
+    assert not any(p.requires_grad for p in loaded.backbone.parameters())
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_maps, want_scores = det.detect(x, preset.anomaly)
+        got_maps, got_scores = loaded.detect(x, preset.anomaly)
+    assert torch.equal(got_maps, want_maps) and torch.equal(got_scores, want_scores)

@@ -102,9 +102,7 @@ class TFANet(nn.Module):
 
         # Eq. 3-4: the same projection and the same fixed positions for input and template
         self.patch_embed = nn.Conv2d(channels, cfg.tfam_dim, cfg.patch_size, cfg.patch_size)
-        self.register_buffer(
-            "pos_embed", sincos_pos_embed_2d(cfg.tfam_dim, self.grid)[None], persistent=False
-        )
+        self.init_fixed_buffers()
         self.tfam = nn.ModuleList(
             [
                 Block(cfg.tfam_dim, cfg.tfam_heads, cfg.mlp_ratio, cfg.tfam_attention)
@@ -120,6 +118,11 @@ class TFANet(nn.Module):
         self.norm = nn.LayerNorm(cfg.fdrm_dim, eps=1e-6)
         self.inverse_proj = nn.Linear(cfg.fdrm_dim, cfg.patch_size**2 * channels)
         self.apply(self._init_weights)
+
+    def init_fixed_buffers(self) -> None:
+        """E_pos: computed, never stored (so again after a meta-device build)."""
+        pos_embed = sincos_pos_embed_2d(self.cfg.tfam_dim, self.grid)[None]
+        self.register_buffer("pos_embed", pos_embed, persistent=False)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -282,6 +285,16 @@ class Detector(nn.Module):
     def train(self, mode: bool = True) -> Detector:
         self._e_templates = None
         return super().train(mode)
+
+    def init_fixed_buffers(self) -> None:
+        """Compute the buffers no state dict holds (positions, pixel normalisation), as after a
+        build on the meta device with the stored tensors assigned in (``load_model``); any
+        tensor still without values then is an error, not a silent garbage value."""
+        for part in (self.backbone, self.net):
+            part.init_fixed_buffers()
+        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"no values for {left} (not in the state dict, not computed)")
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """phi(I): standardised fused backbone features of (B, 3, S, S) images in [0, 1]."""

@@ -88,13 +88,17 @@ def load_model(url: str, device: str | torch.device = "cpu") -> TFAModel:
     if missing:
         raise FileNotFoundError(f"{url} is not a tfa-ray model package: missing {missing}")
     preset = preset_from_json(storage.read_bytes(storage.join(url, "config.json")).decode())
-    # The package carries the backbone's weights: build it empty and fill it from the file.
+    # The package carries every weight, the backbone's too: build the detector on the meta
+    # device (no memory, no random initialisation), assign the stored tensors to it, then
+    # compute the few buffers that are never stored.
     model_cfg = dataclasses.replace(
         preset.model, backbone=dataclasses.replace(preset.model.backbone, weights="random")
     )
-    detector = Detector(model_cfg)
+    with torch.device("meta"):
+        detector = Detector(model_cfg)
     state = load_safetensors(storage.read_bytes(storage.join(url, "weights.safetensors")))
-    detector.load_state_dict(state, strict=True)
+    detector.load_state_dict(state, strict=True, assign=True)
+    detector.init_fixed_buffers()
     detector.eval()
     calibration = Calibrations.from_json(
         storage.read_bytes(storage.join(url, "calibration.json")).decode()
