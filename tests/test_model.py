@@ -137,11 +137,11 @@ def test_each_input_is_paired_with_its_nearest_template():
     cfg = dataclasses.replace(get_preset("test-tiny").model, num_templates=3)
     det = Detector(cfg, torch.rand(3, 3, 64, 64)).eval()
     with torch.no_grad():
-        phi = det.template_phi + 0.01 * torch.randn_like(det.template_phi)
+        phi = det.bank.phi + 0.01 * torch.randn_like(det.bank.phi)
         assert det.nearest_template(phi[[2, 0, 1]]).tolist() == [2, 0, 1]
         # in training an input that is a template is paired with another one, never itself
         # training features are cached in float16: a template still counts as itself
-        paired = det.nearest_template(det.template_phi.half().float(), exclude_self=True)
+        paired = det.nearest_template(det.bank.phi.half().float(), exclude_self=True)
         assert (paired != torch.arange(3)).all()
         e = det.template_embeddings()
         assert torch.equal(det.paired_templates(phi[[1]]), e[[1]])
@@ -180,7 +180,7 @@ def test_template_is_normalised_like_inputs():
         torch.randn(det.backbone.out_channels), torch.rand(det.backbone.out_channels) + 0.5
     )
     with torch.no_grad():
-        assert torch.allclose(det.features(img[None]), det.template_phi, atol=1e-5)
+        assert torch.allclose(det.features(img[None]), det.bank.phi, atol=1e-5)
 
 
 def test_complementary_masking_never_uses_a_positions_own_input_token():

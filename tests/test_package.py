@@ -14,10 +14,10 @@ def test_predict_keeps_the_cached_template_embedding(tiny_model_dir):
     model = load_model(tiny_model_dir)
     x = torch.rand(2, 3, model.image_size, model.image_size)
     first, _ = model.predict(x)
-    cached = model.detector._e_templates
+    cached = model.detector.bank.embedded
     assert cached is not None
     again, _ = model.predict(x)
-    assert model.detector._e_templates is cached  # not recomputed per call
+    assert model.detector.bank.embedded is cached  # not recomputed per call
     assert torch.equal(first, again)
 
 

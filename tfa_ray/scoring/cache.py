@@ -23,7 +23,7 @@ def model_nbytes(model: Any) -> int:
 
     detector = model.detector
     tensors = [*detector.parameters(), *detector.buffers()]
-    cached = getattr(detector, "_e_templates", None)
+    cached = detector.bank.embedded
     if isinstance(cached, torch.Tensor):
         tensors.append(cached)
     return sum(t.numel() * t.element_size() for t in tensors)
