@@ -182,12 +182,14 @@ def _per_second(fn, items: list, repeats: int) -> float:
 
 
 def stage_rows(paths: list[str], model_dir: str, size: int, repeats: int, workdir: str) -> list:
+    import pyarrow as pa
     import torch
 
     from tfa_ray import storage
     from tfa_ray.data import MAX_PIXELS
     from tfa_ray.scoring import LocalResolver
     from tfa_ray.scoring.decode import decode_array, decode_shard, jpeg_header
+    from tfa_ray.scoring.manifest import write_manifest
     from tfa_ray.scoring.shard import cell
     from tfa_ray.scoring.write import write_shard
 
@@ -204,7 +206,10 @@ def stage_rows(paths: list[str], model_dir: str, size: int, repeats: int, workdi
     ]
     models = {"line": {"name": "tfa-line", "version": 1, "image_size": size}}
     scorer = stand_in_scorer()(LocalResolver({"line": model_dir}), device="cpu", num_threads=1)
-    shard = {"file": ["f"], "category": ["line"], "paths": [json.dumps(sample)]}
+    plan_dir = os.path.join(workdir, "stage-plan")  # the decode stage reads a manifest's shard
+    table = pa.table({"path": sample, "category": ["line"] * len(sample)})
+    manifest = storage.join(plan_dir, write_manifest([table], plan_dir, len(sample)).files[0])
+    shard = {"file": ["f"], "category": ["line"], "manifest": [manifest], "shard": [0]}
     for label, gpu in (("cpu decode", False), ("encoded", True)):
         batch = decode_shard(shard, models, MAX_PIXELS, None, gpu_decode=gpu)
         n = len(sample)

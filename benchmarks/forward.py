@@ -27,7 +27,7 @@ import torch
 from tfa_ray.anomaly import anomaly_map, image_score
 from tfa_ray.config import get_preset
 from tfa_ray.model import Detector, count_parameters
-from tfa_ray.package import autocast
+from tfa_ray.precision import autocast
 from tfa_ray.train_ray import CHECKPOINTS_KEPT
 
 CPU = torch.device("cpu")

@@ -274,7 +274,7 @@ def section_pipeline(workdir: str) -> Iterator[Row]:
 def section_train(workdir: str) -> Iterator[Row]:
     import torch
 
-    from tfa_ray.package import autocast
+    from tfa_ray.precision import autocast
     from tfa_ray.training import training_loss
 
     device = torch.device(_cuda())
@@ -291,7 +291,7 @@ def section_train(workdir: str) -> Iterator[Row]:
             _sync()
             t = time.perf_counter()
             with autocast("auto", device):
-                loss = training_loss(det, det.net, phi, phi, preset)
+                loss = training_loss(det, det.net, phi, preset)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

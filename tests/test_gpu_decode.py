@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shards import shard_row
 
 from tfa_ray import scoring
 from tfa_ray.scoring.stages import decode_array, decode_jpegs, jpeg_header
@@ -126,7 +127,7 @@ def test_stages_with_device_decode_give_the_cpu_rows(tiny_model_dir, tmp_path):
     _archive(tmp_path)
     paths = sorted(str(p) for p in (tmp_path / "texture").iterdir())
     models = {"texture": {"name": "tfa-texture", "version": 3, "image_size": 64}}
-    shard = {"file": ["f"], "category": ["texture"], "paths": [json.dumps(paths)]}
+    shard = shard_row(tmp_path / "shards", "texture", paths)
     scorer = scoring.ShardScorer(
         scoring.LocalResolver({"texture": tiny_model_dir}), batch_size=3, device="cpu"
     )

@@ -137,11 +137,11 @@ def test_each_input_is_paired_with_its_nearest_template():
     cfg = dataclasses.replace(get_preset("test-tiny").model, num_templates=3)
     det = Detector(cfg, torch.rand(3, 3, 64, 64)).eval()
     with torch.no_grad():
-        phi = det.template_phi + 0.01 * torch.randn_like(det.template_phi)
+        phi = det.bank.phi + 0.01 * torch.randn_like(det.bank.phi)
         assert det.nearest_template(phi[[2, 0, 1]]).tolist() == [2, 0, 1]
         # in training an input that is a template is paired with another one, never itself
         # training features are cached in float16: a template still counts as itself
-        paired = det.nearest_template(det.template_phi.half().float(), exclude_self=True)
+        paired = det.nearest_template(det.bank.phi.half().float(), exclude_self=True)
         assert (paired != torch.arange(3)).all()
         e = det.template_embeddings()
         assert torch.equal(det.paired_templates(phi[[1]]), e[[1]])
@@ -180,7 +180,7 @@ def test_template_is_normalised_like_inputs():
         torch.randn(det.backbone.out_channels), torch.rand(det.backbone.out_channels) + 0.5
     )
     with torch.no_grad():
-        assert torch.allclose(det.features(img[None]), det.template_phi, atol=1e-5)
+        assert torch.allclose(det.features(img[None]), det.bank.phi, atol=1e-5)
 
 
 def test_complementary_masking_never_uses_a_positions_own_input_token():
@@ -226,19 +226,6 @@ def test_block_masking_never_uses_the_positions_own_block():
     assert blocks[0].tolist() == [r * 8 + c for r in range(4) for c in range(4)]
     with pytest.raises(ValueError, match="layout"):
         net.token_groups(4, "stripes")
-
-
-def test_feature_pool_averages_each_neighbourhood():
-    preset = get_preset("test-tiny")
-    img = torch.rand(1, 3, 64, 64)
-    plain = Detector(preset.model).eval()
-    pooled = Detector(dataclasses.replace(preset.model, feature_pool=3)).eval()
-    pooled.backbone.load_state_dict(plain.backbone.state_dict())
-    with torch.no_grad():
-        a, b = plain.features(img), pooled.features(img)
-    assert a.shape == b.shape
-    assert torch.allclose(b[0, :, 5, 7], a[0, :, 4:7, 6:9].mean(dim=(1, 2)), atol=1e-5)
-    assert torch.allclose(b[0, :, 0, 0], a[0, :, :2, :2].mean(dim=(1, 2)), atol=1e-5)
 
 
 def test_bf16_precision_on_cpu_is_engaged_and_close_to_fp32(tiny_model_dir):

@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from shards import shard_row
 
 from tfa_ray import errors, scoring
 from tfa_ray.cli import main
@@ -109,11 +110,7 @@ def test_scorer_load_failure_of_a_broken_package_is_permanent(tiny_model_dir, tm
     good = scoring.LocalResolver({"texture": models["good"]})
     (tmp_path / "a.png").write_bytes(_png(0))
     plan = {"texture": {"name": "tfa-texture", "version": 3, "image_size": 64}}
-    shard = {
-        "file": ["f"],
-        "category": ["texture"],
-        "paths": [json.dumps([str(tmp_path / "a.png")])],
-    }
+    shard = shard_row(tmp_path / "shards", "texture", [str(tmp_path / "a.png")])
     batch = scoring.decode_shard(shard, plan, None, None)
     scorer = scoring.ShardScorer(scoring.LocalResolver({"texture": models["trunc"]}))
     (item,) = json.loads(scorer(batch)["items"][0])

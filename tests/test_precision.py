@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from shards import shard_row
 
 from tfa_ray import drift, scoring, storage
 from tfa_ray.calibration import Calibration, Calibrations
@@ -65,9 +66,8 @@ def _shift(cal: Calibration, by: float) -> Calibration:
 def _score(url: str, paths: list[str], precision: str) -> tuple[list[dict], dict]:
     """The scorer's batch path (decode, then the scorer, without Ray): (items, model info)."""
     models = {"texture": {"name": "tfa-texture", "version": 1, "image_size": 64}}
-    batch = scoring.decode_shard(
-        {"file": ["f"], "category": ["texture"], "paths": [json.dumps(paths)]}, models, None, None
-    )
+    shard = shard_row(url + "-shards", "texture", paths)
+    batch = scoring.decode_shard(shard, models, None, None)
     scorer = scoring.ShardScorer(scoring.LocalResolver({"texture": url}), precision=precision)
     out = scorer(batch)
     return json.loads(out["items"][0]), json.loads(out["model"][0])

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
 from PIL import Image
+from shards import shard_row
 
 from tfa_ray import scoring
 from tfa_ray.synth import make_image
@@ -175,7 +176,7 @@ def test_scorer_tries_a_failed_model_load_again(tiny_model_dir, tmp_path):
         return local(category, alias, version)
 
     models = {"texture": {"name": "tfa-texture", "version": 3, "image_size": 64}}
-    shard = {"file": ["f"], "category": ["texture"], "paths": [json.dumps(paths)]}
+    shard = shard_row(tmp_path / "shards", "texture", paths)
     batch = scoring.decode_shard(shard, models, None, None)
     scorer = scoring.ShardScorer(flaky, pinned={"texture": 3}, retry_after_s=0.0)
     first = json.loads(scorer(batch)["items"][0])

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shards import shard_row
 from simcuda import SimCudaTensor
 
 from tfa_ray.config import get_preset
@@ -181,7 +182,7 @@ def test_scorer_batch_path_on_cuda(sim_cuda, tiny_model_dir, tmp_path, monkeypat
         img.save(d / f"{i}.jpg", quality=95)
     paths = sorted(str(p) for p in d.iterdir())
     models = {"texture": {"name": "tfa-texture", "version": 3, "image_size": 64}}
-    shard = {"file": ["f"], "category": ["texture"], "paths": [json.dumps(paths)]}
+    shard = shard_row(tmp_path / "shards", "texture", paths)
     resolver = scoring.LocalResolver({"texture": tiny_model_dir})
     scores = {}
     for device in ("cpu", "cuda"):  # fp32 on both: the same numbers

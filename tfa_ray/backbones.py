@@ -346,13 +346,7 @@ class FeatureExtractor(nn.Module):
         model.requires_grad_(False)
         self.model = model.eval()
 
-        # From the config, not the state dict: the config is the single source of truth.
-        self.register_buffer(
-            "mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
-        )
+        self.init_fixed_buffers()
 
         api = _feature_api_indices(model, self.taps)
         self._sequence: list[tuple[tuple[str, ...], nn.Module]] = []
@@ -374,7 +368,7 @@ class FeatureExtractor(nn.Module):
         bad = [t for t, f in zip(self.taps, taps, strict=True) if f.ndim != 4]
         if bad:
             raise ValueError(f"taps {bad} of {cfg.name!r} do not output (B, C, H, W) tensors")
-        if self.tap_mode == SEQUENTIAL_FALLBACK:
+        if self.tap_mode == SEQUENTIAL_FALLBACK and not probe.is_meta:  # meta: no values
             with torch.no_grad():
                 reference = hooked_taps(self.model, self.taps, probe)
             if not all(torch.equal(a, b) for a, b in zip(taps, reference, strict=True)):
@@ -384,6 +378,13 @@ class FeatureExtractor(nn.Module):
                 )
         self.tap_channels: tuple[int, ...] = tuple(t.shape[1] for t in taps)
         self.out_channels: int = sum(self.tap_channels)
+
+    def init_fixed_buffers(self) -> None:
+        """The pixel normalisation, from the config, not the state dict (the config is the
+        single source of truth): computed, never stored, so again after a meta-device build."""
+        for name, value in (("mean", self.cfg.mean), ("std", self.cfg.std)):
+            tensor = torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1)
+            self.register_buffer(name, tensor, persistent=False)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Always eval: a parent's ``.train()`` must not move BatchNorm statistics."""

@@ -14,7 +14,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# The precisions a scorer may compute at (tfa_ray.package.precision_key): each is calibrated
+# The precisions a scorer may compute at (tfa_ray.precision.precision_key): each is calibrated
 # at itself, since a bf16 forward pass shifts scores by more than a threshold's margin.
 CALIBRATED_PRECISIONS = ("fp32", "bf16", "fp16")
 REFERENCE_PRECISION = "fp32"  # what a package from before per-precision calibration holds
@@ -55,6 +55,12 @@ class Calibration:
         fields = json.loads(text)
         fields["normal_scores"] = tuple(float(s) for s in fields.get("normal_scores") or ())
         return cls(**fields)
+
+
+def is_anomalous(score: float, threshold: float) -> bool:
+    """The decision rule, the one place it lives: the calibrated threshold is the smallest
+    score that is flagged (:func:`calibrate` puts it just above the highest allowed normal)."""
+    return bool(score >= threshold)
 
 
 def calibrate(

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-# Inference precisions (the policy itself: tfa_ray.package.autocast)
+log = logging.getLogger(__name__)
+
+# Inference precisions (the policy itself: tfa_ray.precision)
 PRECISIONS = ("auto", "bf16", "fp32")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -84,9 +87,6 @@ class ModelConfig:
     # Per-channel standardisation of the fused features with statistics of the training
     # set: keeps low-magnitude channels from vanishing in the Euclidean terms.
     standardize_features: bool = False
-    # Local average pooling of the fused features over a p x p neighbourhood (PatchCore's
-    # local aggregation); 1 = off, the paper's features.
-    feature_pool: int = 1
     # A coreset of this many (3 x 3 aggregated) normal feature patches, PatchCore's memory, as
     # a third evidence (0 = none): the distance to the nearest normal patch from *anywhere*,
     # which, unlike the per-position Gaussians, does not assume every image is aligned.
@@ -149,10 +149,6 @@ class TrainConfig:
     # selection split (tfa_ray.selection.evidence_mix) instead of anomaly.w_reconstruction /
     # w_knn and try_fusion_weights (models with a Gaussian)
     select_mix: bool = False
-    # Fraction of training inputs that carry a pasted synthetic defect while the target stays
-    # the clean features: teaches the net to put normal appearance back instead of copying
-    # whatever it sees (0 = the paper: plain reconstruction of normal images).
-    denoise_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -289,9 +285,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# Fields that were removed, no preset having used them, with the value that meant "off": a
+# package written before carries them in its config.json, and still loads if it had them off.
+REMOVED_FIELDS: dict[str, dict[str, Any]] = {
+    "ModelConfig": {"feature_pool": 1},  # local average pooling of the features
+    "TrainConfig": {"denoise_fraction": 0.0},  # training inputs with pasted defects
+}
+
+
 def _build(cls: type, data: dict[str, Any]) -> Any:
-    kwargs = {}
+    kwargs, data = {}, dict(data)
     known = {f.name: f for f in dataclasses.fields(cls)}
+    removed = REMOVED_FIELDS.get(cls.__name__, {})
+    for name in sorted(set(data) & set(removed) - set(known)):
+        value = data.pop(name)
+        if value != removed[name]:
+            raise ValueError(
+                f"{cls.__name__}.{name} = {value!r}: this option was removed "
+                f"(only its off value {removed[name]!r} still loads)"
+            )
+        log.info("config: %s.%s (removed; it was off) ignored", cls.__name__, name)
     unknown = set(data) - set(known)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")

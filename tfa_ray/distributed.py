@@ -17,7 +17,7 @@ from tfa_ray.model import Detector
 CHUNK = 64  # images per broadcast of the feature cache
 
 # the detector's state that the training step reads (the evidence is rank 0's alone)
-TRAINING_BUFFERS = ("feature_mean", "feature_std", "templates", "template_phi", "template_keys")
+TRAINING_BUFFERS = ("feature_mean", "feature_std", "bank.images", "bank.phi", "bank.keys")
 
 
 def active(shard: tuple[int, int] | None) -> bool:
@@ -73,9 +73,9 @@ def broadcast_training_state(detector: Detector, device: torch.device) -> None:
     """Rank 0's feature statistics and templates (the detector state the loss reads)."""
     with torch.no_grad():
         for name in TRAINING_BUFFERS:
-            buf = getattr(detector, name)
+            buf = detector.get_buffer(name)
             dist.broadcast(buf, src=0)
-    detector._e_templates = None
+    detector.bank.embedded = None
 
 
 def broadcast_object(obj, device: torch.device):

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tfa_ray.calibration import heatmap_uint8
+from tfa_ray.calibration import heatmap_uint8, is_anomalous
 from tfa_ray.data import CategoryData, load_image, load_mask
+from tfa_ray.inference import TFAModel
 from tfa_ray.metrics import evaluate
-from tfa_ray.package import TFAModel, is_anomalous
 
 
 @dataclass

@@ -8,7 +8,9 @@
 
 In training a random subset of input tokens is dropped (MAE-style random masking), the
 paper's strategy that the released code defined but never called. ``Detector`` at the bottom
-wraps the frozen backbone, the network and the template, whose features are computed once.
+wraps the frozen backbone, the network, the bank of templates (:mod:`tfa_ray.template_bank`)
+and the statistical evidence (:mod:`tfa_ray.evidence`), and fuses the evidence into a decision
+(:mod:`tfa_ray.fusion`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tfa_ray.anomaly import anomaly_map, image_score, to_image
+from tfa_ray import fusion
+from tfa_ray.anomaly import anomaly_map, to_image
 from tfa_ray.backbones import FeatureExtractor
 from tfa_ray.config import AnomalyConfig, ModelConfig
 from tfa_ray.evidence import GaussianEvidence, KNNEvidence, MapNorm
+from tfa_ray.fusion import EVIDENCE
+from tfa_ray.template_bank import TemplateBank
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
@@ -102,9 +107,7 @@ class TFANet(nn.Module):
 
         # Eq. 3-4: the same projection and the same fixed positions for input and template
         self.patch_embed = nn.Conv2d(channels, cfg.tfam_dim, cfg.patch_size, cfg.patch_size)
-        self.register_buffer(
-            "pos_embed", sincos_pos_embed_2d(cfg.tfam_dim, self.grid)[None], persistent=False
-        )
+        self.init_fixed_buffers()
         self.tfam = nn.ModuleList(
             [
                 Block(cfg.tfam_dim, cfg.tfam_heads, cfg.mlp_ratio, cfg.tfam_attention)
@@ -120,6 +123,11 @@ class TFANet(nn.Module):
         self.norm = nn.LayerNorm(cfg.fdrm_dim, eps=1e-6)
         self.inverse_proj = nn.Linear(cfg.fdrm_dim, cfg.patch_size**2 * channels)
         self.apply(self._init_weights)
+
+    def init_fixed_buffers(self) -> None:
+        """E_pos: computed, never stored (so again after a meta-device build)."""
+        pos_embed = sincos_pos_embed_2d(self.cfg.tfam_dim, self.grid)[None]
+        self.register_buffer("pos_embed", pos_embed, persistent=False)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -227,74 +235,86 @@ def dual_masks(batch: int, num_tokens: int, device: torch.device) -> torch.Tenso
     return torch.stack([order[:, :half], order[:, half : 2 * half]])
 
 
+# Where the template bank's buffers were before it was a module of its own (packages written
+# before issue 21 hold these keys; ``Detector`` loads them under the new ones).
+OLD_TEMPLATE_KEYS = {
+    "templates": "bank.images",
+    "template_phi": "bank.phi",
+    "template_keys": "bank.keys",
+}
+
+
+def _rename_old_template_keys(module, state_dict, prefix, *args) -> None:
+    for old, new in OLD_TEMPLATE_KEYS.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
 class Detector(nn.Module):
     """Frozen backbone + TFA-Net + a bank of templates (+ optional statistical evidence):
-    images in, anomaly maps out.
+    images in, anomaly maps and image scores out.
 
-    The bank holds T normal templates; every input is paired with its nearest one by the
-    distance of globally pooled features (T = 1 with the first training image is the paper).
-    Template features never change for a trained model, so in eval mode their embeddings are
-    computed once and cached; in training the projection changes every step, so they are
-    recomputed from the (cached) template features.
+        phi = (psi(I) - mu) / sigma                        features (standardised)
+        phi_hat = TFANet(phi, E_phi(I_T*))                 I_T* the nearest template
+        maps = {rec: Eq. 8 (phi, phi_hat), gaussian: Mahalanobis(phi),
+                residual: Mahalanobis(phi - phi_hat), knn: d(phi, nearest normal patch)}
+        fused, score = decide(maps)                        (tfa_ray.fusion)
     """
 
     def __init__(self, cfg: ModelConfig, templates: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.backbone = FeatureExtractor(cfg.backbone, cfg.feature_size)
-        channels = self.backbone.out_channels
-        self.net = TFANet(cfg, channels)
+        C, h = self.backbone.out_channels, cfg.feature_size
+        self.net = TFANet(cfg, C)
         # Per-channel standardisation of phi (identity until set from training features).
-        self.register_buffer("feature_mean", torch.zeros(channels))
-        self.register_buffer("feature_std", torch.ones(channels))
-        T, S, h = cfg.num_templates, cfg.image_size, cfg.feature_size
-        self.register_buffer("templates", torch.zeros(T, 3, S, S))
-        self.register_buffer("template_phi", torch.zeros(T, channels, h, h))
-        self.register_buffer("template_keys", torch.zeros(T, channels))
-        self.gaussian = (
-            GaussianEvidence(channels, cfg.gaussian_size, cfg.gaussian_channels)
-            if cfg.gaussian_size
-            else None
-        )
-        self.residual_gaussian = (
-            GaussianEvidence(channels, cfg.gaussian_size, cfg.gaussian_channels)
-            if cfg.gaussian_size and cfg.residual_gaussian
-            else None
-        )
-        self.knn = (
-            KNNEvidence(channels, cfg.gaussian_size or cfg.feature_size, cfg.knn_memory)
-            if cfg.knn_memory
-            else None
-        )
+        self.register_buffer("feature_mean", torch.zeros(C))
+        self.register_buffer("feature_std", torch.ones(C))
+        self.bank = TemplateBank(cfg.num_templates, cfg.image_size, C, h)
+        g = cfg.gaussian_size
+        self.gaussian = GaussianEvidence(C, g, cfg.gaussian_channels) if g else None
+        residual = g and cfg.residual_gaussian
+        self.residual_gaussian = GaussianEvidence(C, g, cfg.gaussian_channels) if residual else None
+        self.knn = KNNEvidence(C, g or h, cfg.knn_memory) if cfg.knn_memory else None
         self.reconstruction_norm = MapNorm()
         self.gaussian_norm = MapNorm()
         self.residual_norm = MapNorm()
         self.knn_norm = MapNorm()
-        self._e_templates: torch.Tensor | None = None
+        self.register_load_state_dict_pre_hook(_rename_old_template_keys)
         if templates is not None:
             self.set_templates(templates)
 
     @property
     def template(self) -> torch.Tensor:
         """The first template (the paper's single template when T = 1)."""
-        return self.templates[0]
+        return self.bank.images[0]
 
     def train(self, mode: bool = True) -> Detector:
-        self._e_templates = None
+        self.bank.embedded = None
         return super().train(mode)
+
+    def init_fixed_buffers(self) -> None:
+        """Compute the buffers no state dict holds (positions, pixel normalisation), as after a
+        build on the meta device with the stored tensors assigned in (``load_model``); any
+        tensor still without values then is an error, not a silent garbage value."""
+        for part in (self.backbone, self.net):
+            part.init_fixed_buffers()
+        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"no values for {left} (not in the state dict, not computed)")
+
+    # ---- features and the template bank
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """phi(I): standardised fused backbone features of (B, 3, S, S) images in [0, 1]."""
         phi = self.backbone(images)
-        p = self.cfg.feature_pool
-        if p > 1:
-            phi = F.avg_pool2d(phi, p, stride=1, padding=p // 2, count_include_pad=False)
         return (phi - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
 
     @torch.no_grad()
     def set_templates(self, templates: torch.Tensor) -> None:
         """(T, 3, S, S) or (3, S, S) template images in [0, 1], normalised exactly like inputs."""
-        self.templates.copy_(templates.reshape(self.templates.shape).to(self.templates))
+        images = self.bank.images
+        images.copy_(templates.reshape(images.shape).to(images))
         self.refresh_templates()
 
     @torch.no_grad()
@@ -303,30 +323,16 @@ class Detector(nn.Module):
         self.feature_std.copy_(std.clamp_min(1e-6))
         self.refresh_templates()
 
-    @torch.no_grad()
     def refresh_templates(self) -> None:
-        self.template_phi.copy_(self.features(self.templates))
-        self.template_keys.copy_(self.template_phi.mean(dim=(2, 3)))
-        self._e_templates = None
+        self.bank.refresh(self.features)
 
     def nearest_template(self, phi: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
-        """(B,) index of each input's nearest template by globally pooled features. In training
-        an input that *is* a template is paired with its nearest other one (never a copy)."""
-        keys = self.template_keys.float()
-        d = torch.cdist(phi.float().mean(dim=(2, 3)), keys)
-        if exclude_self and d.shape[1] > 1:
-            # "the same image" up to the float16 rounding of cached training features
-            same = d < 1e-3 * (1.0 + keys.norm(dim=1))
-            d = d.masked_fill(same, float("inf"))
-        return d.argmin(dim=1)
+        return self.bank.nearest(phi, exclude_self)
 
     def template_embeddings(self) -> torch.Tensor:
-        """(T, N, D) embedded template features: cached in eval mode without autograd."""
-        if self.training or torch.is_grad_enabled():
-            return self.net.embed(self.template_phi)
-        if self._e_templates is None or self._e_templates.device != self.template_phi.device:
-            self._e_templates = self.net.embed(self.template_phi)
-        return self._e_templates
+        """(T, N, D) embedded template features: kept in eval mode without autograd."""
+        fixed = not self.training and not torch.is_grad_enabled()
+        return self.bank.embeddings(self.net.embed, fixed)
 
     def template_embedding(self) -> torch.Tensor:
         """The first template's embedding (1, N, D): warms the cache for all of them."""
@@ -337,7 +343,9 @@ class Detector(nn.Module):
         e = self.template_embeddings()
         if len(e) == 1:
             return e
-        return e[self.nearest_template(phi, exclude_self=self.training)]
+        return e[self.bank.nearest(phi, exclude_self=self.training)]
+
+    # ---- reconstruction and evidence
 
     def reconstruct(self, phi: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
         """phi_hat(I) from already computed features (training uses cached features)."""
@@ -364,7 +372,7 @@ class Detector(nn.Module):
         features (``gaussian``) and of the residual phi - phi_hat (``residual``), and the
         distance of each feature patch to its nearest normal one (``knn``)."""
         S = self.cfg.image_size
-        want = kinds or ("reconstruction", "gaussian", "residual", "knn")
+        want = kinds or EVIDENCE
         if phi_hat is None and ("reconstruction" in want or "residual" in want):
             phi_hat = self.reconstruct(phi)
         maps = {}
@@ -381,65 +389,6 @@ class Detector(nn.Module):
                 maps["knn"] = to_image(self.knn(phi), S, cfg)
         return maps
 
-    def fused_kinds(self, cfg: AnomalyConfig) -> tuple[str, ...]:
-        """The evidence ``decide`` reads under ``cfg``."""
-        if self.gaussian is None:
-            return ("reconstruction",)
-        w = cfg.w_reconstruction
-        kinds = (("reconstruction",) if w > 0 else ()) + ((cfg.statistics,) if w < 1 else ())
-        if cfg.image_evidence == "statistics" and cfg.statistics not in kinds:
-            kinds += (cfg.statistics,)
-        return kinds + (("knn",) if self.knn is not None and cfg.w_knn > 0 else ())
-
-    def fuse(self, maps: dict[str, torch.Tensor], cfg: AnomalyConfig) -> torch.Tensor:
-        """The paper's map alone, or the weighted mean of the maps after putting each on the
-        scale of held-out normal pixels: w * rec + (1 - w) * stat (+ w_knn * knn) over
-        1 (+ w_knn), with ``w = cfg.w_reconstruction``, ``stat = cfg.statistics``."""
-        if self.gaussian is None:
-            return maps["reconstruction"]
-        w, stat = cfg.w_reconstruction, cfg.statistics
-        norms = self.map_norms()
-        if stat not in ("gaussian", "residual") or (
-            stat == "residual" and self.residual_gaussian is None
-        ):
-            raise ValueError(f"this model has no {stat!r} statistics to fuse")
-        if w >= 1:
-            out = norms["reconstruction"](maps["reconstruction"])
-        else:
-            out = norms[stat](maps[stat]) * (1.0 - w)
-            if w > 0:
-                out = out + norms["reconstruction"](maps["reconstruction"]) * w
-        if self.knn is not None and cfg.w_knn > 0:
-            out = (out + norms["knn"](maps["knn"]) * cfg.w_knn) / (1.0 + cfg.w_knn)
-        return out
-
-    def score_maps(
-        self, maps: dict[str, torch.Tensor], fused: torch.Tensor, cfg: AnomalyConfig
-    ) -> torch.Tensor:
-        """The maps image scores are taken from: the fused map, or (``cfg.image_evidence =
-        "statistics"``) the normalised statistical map alone."""
-        if cfg.image_evidence == "map" or self.gaussian is None:
-            return fused
-        if cfg.image_evidence != "statistics":
-            raise ValueError(f"unknown image evidence {cfg.image_evidence!r}")
-        return self.map_norms()[cfg.statistics](maps[cfg.statistics])
-
-    def decide(
-        self, maps: dict[str, torch.Tensor], cfg: AnomalyConfig
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused map and each image's score (from :meth:`score_maps`)."""
-        fused = self.fuse(maps, cfg)
-        return fused, image_score(self.score_maps(maps, fused, cfg), cfg)
-
-    def map_norms(self) -> dict[str, MapNorm]:
-        """Each kind of evidence's normal-pixel scale (fitted in selection, used by ``fuse``)."""
-        return {
-            "reconstruction": self.reconstruction_norm,
-            "gaussian": self.gaussian_norm,
-            "residual": self.residual_norm,
-            "knn": self.knn_norm,
-        }
-
     @torch.no_grad()
     def fit_residual_gaussian(self, phi: torch.Tensor, batch_size: int = 32) -> None:
         """Fit the residual Gaussian on normal features (eval mode, the current inference)."""
@@ -452,9 +401,35 @@ class Detector(nn.Module):
 
         self.residual_gaussian.fit(residuals())
 
-    def anomaly_maps(self, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
-        """(B, 3, S, S) images in [0, 1] -> (B, S, S) anomaly maps."""
-        return self.detect(images, cfg)[0]
+    # ---- fusion and decision (tfa_ray.fusion), on this model's evidence and norms
+
+    @property
+    def evidence_kinds(self) -> tuple[str, ...]:
+        """The kinds of evidence this model has."""
+        parts = {"gaussian": self.gaussian, "residual": self.residual_gaussian, "knn": self.knn}
+        return ("reconstruction", *(kind for kind, part in parts.items() if part is not None))
+
+    def map_norms(self) -> dict[str, MapNorm]:
+        """Each kind of evidence's normal-pixel scale (fitted in selection, used by ``fuse``)."""
+        norms = (self.reconstruction_norm, self.gaussian_norm, self.residual_norm, self.knn_norm)
+        return dict(zip(EVIDENCE, norms, strict=True))
+
+    def fused_kinds(self, cfg: AnomalyConfig) -> tuple[str, ...]:
+        """The evidence ``decide`` reads under ``cfg``."""
+        return fusion.fused_kinds(self.evidence_kinds, cfg)
+
+    def fuse(self, maps: dict[str, torch.Tensor], cfg: AnomalyConfig) -> torch.Tensor:
+        return fusion.fuse(maps, self.map_norms(), self.evidence_kinds, cfg)
+
+    def score_maps(
+        self, maps: dict[str, torch.Tensor], fused: torch.Tensor, cfg: AnomalyConfig
+    ) -> torch.Tensor:
+        return fusion.score_maps(maps, fused, self.map_norms(), self.evidence_kinds, cfg)
+
+    def decide(
+        self, maps: dict[str, torch.Tensor], cfg: AnomalyConfig
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return fusion.decide(maps, self.map_norms(), self.evidence_kinds, cfg)
 
     def detect(self, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) images in [0, 1] -> (B, S, S) anomaly maps and (B,) image scores."""

@@ -42,8 +42,8 @@ class TFAPyfuncModel(_PythonModel):
         from PIL import Image
 
         from tfa_ray import storage
+        from tfa_ray.calibration import is_anomalous
         from tfa_ray.data import decode_image, image_to_tensor
-        from tfa_ray.package import is_anomalous
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame({"image": list(model_input)})

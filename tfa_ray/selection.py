@@ -25,8 +25,8 @@ from tfa_ray.config import AnomalyConfig, Preset
 from tfa_ray.data import load_image
 from tfa_ray.metrics import aupro, image_auroc
 from tfa_ray.model import Detector
-from tfa_ray.package import autocast as package_autocast
-from tfa_ray.package import autocast_at
+from tfa_ray.precision import autocast as package_autocast
+from tfa_ray.precision import autocast_at
 from tfa_ray.synth import KINDS, LARGE_KINDS, paint_defect
 from tfa_ray.train_state import Prepared, TrainState, ValidationSet
 
@@ -91,18 +91,8 @@ def make_validation_set(
     return ValidationSet(images, torch.stack(anomalous), torch.stack(masks))
 
 
-def corrupted_copies(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """One copy of every training image with a pasted synthetic defect (denoising inputs)."""
-    rng = np.random.default_rng(seed + 2)
-    out = torch.empty_like(images)
-    for i, img in enumerate(images):
-        bad, _ = paste_synthetic(img.permute(1, 2, 0).numpy(), rng)
-        out[i] = torch.from_numpy(bad).permute(2, 0, 1)
-    return out
-
-
 def autocast(device: torch.device, training: bool = False):
-    """The package's precision policy at ``auto`` (:func:`tfa_ray.package.autocast_dtype`):
+    """The package's precision policy at ``auto`` (:func:`tfa_ray.precision.autocast_dtype`):
     selection and calibration run at the precision scoring will use."""
     return package_autocast("auto", device, training)
 

@@ -38,7 +38,6 @@ class Prepared:
     val: ValidationSet
     val_normal_phi: torch.Tensor
     val_anomalous_phi: torch.Tensor
-    corrupt_phi: torch.Tensor | None = None  # denoising inputs (train.denoise_fraction)
 
 
 @dataclass

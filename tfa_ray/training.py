@@ -51,7 +51,6 @@ from tfa_ray.model import Detector, dual_masks
 from tfa_ray.selection import (
     autocast,
     calibrate_model,
-    corrupted_copies,
     make_validation_set,
     predict_evidence,
     select_inference,
@@ -176,9 +175,6 @@ def prepare(
             total=len(train_phi) * detector.knn.size**2,
         )
         echo(f"[{data.category}] kNN memory fitted in {time.perf_counter() - t_knn:.0f}s")
-    corrupt_phi = None
-    if tcfg.denoise_fraction > 0:
-        corrupt_phi = compute_features(detector, corrupted_copies(train_images, tcfg.seed), device)
     val = make_validation_set(
         load_images_uint8(val_paths, size), tcfg.synthetic_per_val, tcfg.seed, tcfg.synthetic_large
     )
@@ -191,7 +187,6 @@ def prepare(
         val=val,
         val_normal_phi=compute_features(detector, val.normal, device),
         val_anomalous_phi=compute_features(detector, val.anomalous, device),
-        corrupt_phi=corrupt_phi,
     )
     echo(f"[{data.category}] backbone features cached in {time.perf_counter() - t_feat:.1f}s")
     return prepared
@@ -207,12 +202,11 @@ def share_prepared(prep: Prepared | None, detector: Detector, device: torch.devi
     )
     broadcast_training_state(detector, device)
     train_phi = broadcast_cache(prep.train_phi if lead else None, device)
-    corrupt_phi = broadcast_cache(prep.corrupt_phi if lead else None, device)
     if lead:
         return prep
     none = torch.empty(0, dtype=torch.float16)
     val = ValidationSet(torch.empty(0, 3, 1, 1, dtype=torch.uint8), none, none)
-    return Prepared(*paths, train_phi, val, none, none, corrupt_phi=corrupt_phi)
+    return Prepared(*paths, train_phi, val, none, none)
 
 
 def token_weights(visible: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
@@ -227,21 +221,20 @@ def training_loss(
     detector: Detector,
     net: torch.nn.Module,
     phi: torch.Tensor,
-    phi_in: torch.Tensor,
     preset: Preset,
 ) -> torch.Tensor:
     """One step's loss: random masking (the paper) or complementary halves, each scored where
     it was hidden. ``net`` is ``detector.net`` or its DDP wrapper."""
     cfg = preset.model
-    e_t = detector.paired_templates(phi_in)
+    e_t = detector.paired_templates(phi)
     if cfg.mask_mode == "random":
-        return reconstruction_loss(phi, net(phi_in, e_t, cfg.mask_ratio), preset.anomaly)[0]
+        return reconstruction_loss(phi, net(phi, e_t, cfg.mask_ratio), preset.anomaly)[0]
     if cfg.mask_mode != "dual":
         raise ValueError(f"mask_mode must be 'random' or 'dual', got {cfg.mask_mode!r}")
     halves = dual_masks(len(phi), detector.net.num_tokens, phi.device)  # (2, B, N/2)
     visible = halves.reshape(-1, halves.shape[-1])
     e_t = e_t.expand(len(phi), -1, -1).repeat(2, 1, 1)
-    phi_hat = net(phi_in.repeat(2, 1, 1, 1), e_t, visible=visible)
+    phi_hat = net(phi.repeat(2, 1, 1, 1), e_t, visible=visible)
     weight = token_weights(visible, detector.net.grid, cfg.patch_size)
     return reconstruction_loss(phi.repeat(2, 1, 1, 1), phi_hat, preset.anomaly, weight)[0]
 
@@ -284,14 +277,8 @@ def train_epochs(
             if shard is not None:  # data parallel: this worker's share of the global batch
                 batch = shard_batch(batch, *shard)
             phi = load(batch)
-            phi_in = phi
-            if prep.corrupt_phi is not None:  # these inputs carry a defect; target stays clean
-                noisy = torch.rand(len(batch)) < tcfg.denoise_fraction
-                if noisy.any():
-                    phi_in = phi.clone()
-                    phi_in[noisy] = prep.corrupt_phi[batch[noisy]].to(device).float()
             with autocast(device, training=True):
-                loss = training_loss(detector, net, phi, phi_in, preset)
+                loss = training_loss(detector, net, phi, preset)
             progress = state.step / total_steps if total_steps else 0.0
             if tcfg.time_budget_s:
                 used = agreed_seconds(time.perf_counter() - t_train, device, distributed)

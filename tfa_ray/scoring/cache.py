@@ -3,14 +3,16 @@
 An actor meets the categories of its shards in any order; a ``paper`` model holds about 0.9 GB
 of weights and buffers, so keeping every model ever loaded grows an actor past its GPU's (or
 host's) memory on a many-category night. The cache keeps the most recently used models whose
-total size fits ``max_bytes``; one model larger than the bound is still kept, alone.
+total size fits ``max_bytes`` (``cachetools.LRUCache`` by size); one model larger than the bound
+is still kept, alone (cachetools refuses it: a scorer must still score with it).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
+
+from cachetools import LRUCache
 
 DEFAULT_MAX_BYTES = 4 * 1024**3  # four `paper` models
 
@@ -21,14 +23,29 @@ def model_nbytes(model: Any) -> int:
 
     detector = model.detector
     tensors = [*detector.parameters(), *detector.buffers()]
-    cached = getattr(detector, "_e_templates", None)
+    cached = detector.bank.embedded
     if isinstance(cached, torch.Tensor):
         tensors.append(cached)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class _EvictingLRU(LRUCache):
+    """An LRUCache that says what it evicts (``popitem`` is its one way out for an eviction)."""
+
+    def __init__(self, maxsize: int, getsizeof: Callable[[Any], int], on_evict):
+        super().__init__(maxsize=maxsize, getsizeof=getsizeof)
+        self.on_evict = on_evict
+
+    def popitem(self) -> tuple[str, Any]:
+        key, value = super().popitem()
+        if self.on_evict is not None:
+            self.on_evict(key, value)
+        return key, value
+
+
 class ModelCache:
-    """key -> value, at most ``max_bytes`` in total by ``size(value)``; LRU eviction."""
+    """key -> value, at most ``max_bytes`` in total by ``size(value)``; LRU eviction. A value
+    over the bound empties the cache and is kept alone, until the next ``put``."""
 
     def __init__(
         self,
@@ -39,35 +56,40 @@ class ModelCache:
         self.max_bytes = int(max_bytes)
         self.size = size
         self.on_evict = on_evict
-        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._lru = _EvictingLRU(self.max_bytes, size, on_evict)
+        self._alone: tuple[str, Any, int] | None = None  # (key, value, bytes) over the bound
 
     def __contains__(self, key: str) -> bool:
-        return key in self._items
+        return key in self._lru or (self._alone is not None and self._alone[0] == key)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._lru) + (self._alone is not None)
 
     def keys(self) -> list[str]:
-        """Keys, least recently used first."""
-        return list(self._items)
+        """The cached keys."""
+        return list(self._lru) + ([self._alone[0]] if self._alone is not None else [])
 
     @property
     def nbytes(self) -> int:
-        return sum(n for _, n in self._items.values())
+        return int(self._lru.currsize) + (self._alone[2] if self._alone is not None else 0)
 
     def get(self, key: str) -> Any:
         """The value (now the most recently used), or None."""
-        if key not in self._items:
-            return None
-        self._items.move_to_end(key)
-        return self._items[key][0]
+        if self._alone is not None and self._alone[0] == key:
+            return self._alone[1]
+        return self._lru.get(key)
 
-    def put(self, key: str, value: Any, nbytes: int | None = None) -> None:
-        """Add ``value``, then evict least recently used entries until the rest fits (the new
-        one is never evicted: a model larger than the bound is kept alone)."""
-        self._items.pop(key, None)
-        self._items[key] = (value, self.size(value) if nbytes is None else int(nbytes))
-        while len(self._items) > 1 and self.nbytes > self.max_bytes:
-            old, (evicted, _) = self._items.popitem(last=False)
-            if self.on_evict is not None:
-                self.on_evict(old, evicted)
+    def put(self, key: str, value: Any) -> None:
+        """Add ``value`` (replacing ``key``'s), evicting least recently used entries until the
+        total fits; the new one is never evicted."""
+        self._lru.pop(key, None)  # a replaced value is not an eviction
+        alone, self._alone = self._alone, None
+        if alone is not None and alone[0] != key and self.on_evict is not None:
+            self.on_evict(alone[0], alone[1])  # it was the least recently used
+        nbytes = int(self.size(value))
+        if nbytes <= self.max_bytes:
+            self._lru[key] = value
+            return
+        while self._lru:  # cachetools raises ValueError for it: empty the cache, keep it alone
+            self._lru.popitem()
+        self._alone = (key, value, nbytes)

@@ -160,10 +160,8 @@ def decode_jpegs(datas: list[bytes], size: int, device: Any) -> list[Any]:
 
 
 def shard_paths(batch: dict[str, Any], endpoint_url: str | None) -> list[str]:
-    """The shard's paths: a JSON list in the row, or read from the plan's manifest file (the
-    driver's rows name the shard only, so its memory does not grow with the paths)."""
-    if "paths" in batch:
-        return json.loads(cell(batch, "paths"))
+    """The shard's paths, read from the plan's manifest file (the driver's rows name the shard
+    only, so its memory does not grow with the paths)."""
     category = cell(batch, "category") or None
     shard = int(cell(batch, "shard"))
     return read_shard_paths(cell(batch, "manifest"), category, shard, endpoint_url)

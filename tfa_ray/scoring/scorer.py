@@ -179,8 +179,7 @@ class ShardScorer:
 
     def _score(self, category: str | None, host: dict[str, Any]):
         """(items with scores, model info, maps as float16 (n, S, S)) for one shard."""
-        from tfa_ray.calibration import heatmap_scale
-        from tfa_ray.package import is_anomalous
+        from tfa_ray.calibration import heatmap_scale, is_anomalous
 
         torch = self.torch
         items = host["items"]
