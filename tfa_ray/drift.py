@@ -314,7 +314,7 @@ def _entry(cal: Calibrations | Calibration | str | None, thresholds: set[float])
 
 
 def run_drift(
-    run_dir: str,
+    run_dir: str | storage.Location,
     models: dict[str, dict[str, Any]],
     calibrations: dict[str, Calibrations | Calibration | str],
     endpoint_url: str | None = None,
@@ -322,7 +322,8 @@ def run_drift(
 ) -> dict[str, Any]:
     """The drift section of a finished run's ``_SUCCESS``: the rules and one entry per
     category found in the output (ok rows scored, error rows counted), each against the
-    calibration of the precision its rows were scored at."""
+    calibration of the precision its rows were scored at. ``run_dir``: a URL, or a location
+    already resolved (the driver's)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -330,8 +331,8 @@ def run_drift(
     from tfa_ray.scoring.contract import OK as STATUS_OK
     from tfa_ray.scoring.contract import OUTPUT_SCHEMA
 
-    fs, path = storage.get_fs(run_dir, endpoint_url)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA)
+    run = storage.locate(run_dir, endpoint_url)
+    dataset = pads.dataset(run.path, filesystem=run.fs, format="parquet", schema=OUTPUT_SCHEMA)
     thresholds = _thresholds(dataset, STATUS_OK)
     entries = {c: _entry(cal, thresholds.get(c, set())) for c, cal in calibrations.items()}
     accs: dict[str, _Accumulator] = {}
@@ -372,7 +373,7 @@ def _np(array) -> np.ndarray:
 
 
 def drift_section(
-    run_dir: str,
+    run_dir: str | storage.Location,
     models: dict[str, dict[str, Any]],
     resolver: Callable[..., tuple[str, int, str]],
     alias: str,
@@ -383,7 +384,8 @@ def drift_section(
     try:
         return run_drift(run_dir, models, load_calibrations(models, resolver, alias), endpoint_url)
     except Exception as e:  # noqa: BLE001
-        log.warning("drift of %s not computed: %s", run_dir, e, exc_info=True)
+        where = run_dir.url if isinstance(run_dir, storage.Location) else run_dir
+        log.warning("drift of %s not computed: %s", where, e, exc_info=True)
         return {"error": f"{type(e).__name__}: {e}", "categories": {}}
 
 
@@ -391,18 +393,21 @@ def drift_section(
 # the last runs of an output root
 
 
-def finished_runs(root: str, last: int, endpoint_url: str | None = None) -> list[dict[str, Any]]:
+def finished_runs(
+    root: str | storage.Location, last: int, endpoint_url: str | None = None
+) -> list[dict[str, Any]]:
     """The ``_SUCCESS`` contents (with ``run_dir``) of the last ``last`` finished runs under
-    the output root ``root``, oldest first, ordered by their ``finished`` time."""
+    the output root ``root`` (a URL, or a location already resolved), oldest first, ordered by
+    their ``finished`` time."""
     from tfa_ray.scoring.contract import SUCCESS_FILE
 
+    output = storage.locate(root, endpoint_url)
     runs = []
-    for d in storage.list_dirs(root, endpoint_url):
+    for d in output.list_dirs():
         if not d.rstrip("/").rsplit("/", 1)[-1].startswith("run_id="):
             continue
-        url = storage.join(d, SUCCESS_FILE)
         try:
-            success = json.loads(storage.read_bytes(url, endpoint_url))
+            success = json.loads(output.at(d).join(SUCCESS_FILE).read_bytes())
         except FileNotFoundError:
             continue  # not finished (yet)
         runs.append(dict(success, run_dir=d))

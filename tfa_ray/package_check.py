@@ -85,13 +85,15 @@ def check_calibration(data: dict[str, Any], where: str = "calibration.json") -> 
         # other scalars (a label, a note) are not numbers the decision needs
 
 
-def check_package(url: str, endpoint_url: str | None = None) -> None:
-    """Raise :class:`PackageError` when the package at ``url`` cannot be used; OSErrors while
-    reading it propagate (they may pass)."""
+def check_package(url: str | storage.Location, endpoint_url: str | None = None) -> None:
+    """Raise :class:`PackageError` when the package at ``url`` (a URL, or a location already
+    resolved) cannot be used; OSErrors while reading it propagate (they may pass)."""
     from tfa_ray.config import preset_from_json
 
+    package = storage.locate(url, endpoint_url)
+
     def read(name: str) -> bytes:
-        return storage.read_bytes(storage.join(url, name), endpoint_url)
+        return package.join(name).read_bytes()
 
     try:
         preset_from_json(read("config.json").decode())
