@@ -31,7 +31,7 @@ def _png(seed: int) -> bytes:
 
 def _lease_rules(run_dir: str, endpoint: str | None = None) -> None:
     run = storage.resolve(run_dir, endpoint)
-    first = hold(run, "night", ttl_s=30, endpoint_url=endpoint)
+    first = hold(run, "night", ttl_s=30)
     try:
         with pytest.raises(RunInProgress, match=r"in progress on .* \(pid \d+, lease until"):
             hold(run, "night", ttl_s=30)
