@@ -119,11 +119,9 @@ def resolve(url: str, endpoint_url: str | None = None) -> Location:
     applied there): a run resolves its locations once and hands them down.
 
     Filesystems come from fsspec's own instance cache (one per protocol + options and process,
-    made again in a forked child), so connection pools are reused."""
-    protocol, _ = _split(url)
-    if protocol in _S3_PROTOCOLS:
-        import s3fs  # noqa: F401 - imported lazily: local-only users need no AWS stack
-    fs, _ = fsspec.core.url_to_fs(url, **_options(protocol, endpoint_url))
+    made again in a forked child), so connection pools are reused; s3fs is imported only for
+    S3 URLs (local-only users need no AWS stack)."""
+    fs, _ = fsspec.core.url_to_fs(url, **_options(_split(url)[0], endpoint_url))
     return Location(url, fs, _path_in(fs, url), endpoint_url)
 
 
