@@ -80,13 +80,14 @@ def _pipeline(
     cfg: ScoreConfig,
     plan: Plan,
     todo: list[dict],
-    source: storage.Location,
+    images: storage.Location,
     resolver: Resolver,
     st: Stages,
 ) -> Iterable[dict]:
     """The Ray Data pipeline over the shards ``todo``. The stages get the run's locations
-    (``source``: the input, ``plan.run``: the run directory), pickled with their filesystems:
-    a worker process rebuilds each filesystem once (fsspec's instance cache), never by URL."""
+    (``images``: where the input's files are, ``plan.run``: the run directory), pickled with
+    their filesystems: a worker process rebuilds each filesystem once (fsspec's instance
+    cache), never from a URL."""
     import ray.data
 
     from tfa_ray.ray_env import init_ray
@@ -118,7 +119,7 @@ def _pipeline(
         fn_kwargs={
             "models": plan.models,
             "max_pixels": cfg.max_pixels,
-            "source": source,
+            "source": images,
             "run": plan.run,
             "gpu_decode": cfg.decode_on_device(),  # JPEGs travel encoded to the scorer
             "root": plan.header.get("root"),  # paths outside it: error rows that say so
@@ -223,6 +224,7 @@ def _score(
 ) -> RunSummary:
     """The run, with its lease held."""
     source = run.at(cfg.input)  # the input: on the run's filesystem unless on another store
+    images = source.at(cfg.root) if cfg.root else source  # a manifest's files: under its root
     plan = load_or_make_plan(cfg, run_id, run, resolver, source=source)
     todo = pending_shards(plan)
     skipped = plan.num_shards - len(todo)
@@ -236,7 +238,7 @@ def _score(
     peak_rss = 0.0
     if todo:
         progress = Progress(sum(s["rows"] for s in todo), echo)
-        for row in _pipeline(cfg, plan, todo, source, resolver, stages or Stages()):
+        for row in _pipeline(cfg, plan, todo, images, resolver, stages or Stages()):
             pids["decode"].add(int(row["decode_pid"]))
             pids["score"].add(int(row["score_pid"]))
             peak_rss = max(peak_rss, float(row["score_rss_mb"]))
