@@ -384,7 +384,7 @@ def drift_section(
     try:
         return run_drift(run_dir, models, load_calibrations(models, resolver, alias), endpoint_url)
     except Exception as e:  # noqa: BLE001
-        where = run_dir.url if isinstance(run_dir, storage.Location) else run_dir
+        where = getattr(run_dir, "url", run_dir)
         log.warning("drift of %s not computed: %s", where, e, exc_info=True)
         return {"error": f"{type(e).__name__}: {e}", "categories": {}}
 

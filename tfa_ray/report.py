@@ -389,7 +389,7 @@ def build_report(
     want = [r["path"] for rs in top.values() for r in rs]
     masks: dict[str, bytes | None] = {}
     if want:
-        t = read_results(results, None, ["path", "mask_png"], pc.field("path").isin(want))
+        t = read_results(results, columns=["path", "mask_png"], filter=pc.field("path").isin(want))
         masks = dict(
             zip(t.column("path").to_pylist(), t.column("mask_png").to_pylist(), strict=True)
         )
