@@ -220,7 +220,7 @@ def stage_rows(paths: list[str], model_dir: str, size: int, repeats: int, workdi
             )
         )
     scored = scorer(decode_shard(shard, models, MAX_PIXELS, None, gpu_decode=True))
-    out_dir = os.path.join(workdir, "stage-write")
+    out_dir = storage.resolve(os.path.join(workdir, "stage-write"))
     for label, heat, full in (
         ("write: masks at map resolution", False, False),
         ("write: masks + heat maps at map resolution", True, False),
@@ -230,7 +230,7 @@ def stage_rows(paths: list[str], model_dir: str, size: int, repeats: int, workdi
         batch["file"] = [f"part-{label[:12]}.parquet"]
 
         def write(b, heat=heat, full=full):
-            write_shard(b, out_dir, "bench", heat, None, full_res=full)
+            write_shard(b, out_dir, "bench", heat, full_res=full)
 
         rows.append((label, _per_second(write, [batch], repeats) * len(sample)))
         assert json.loads(cell(batch, "items"))[0]["status"] == "ok"

@@ -68,13 +68,15 @@ def _no_registry(category: str, alias: str):
 
 
 def step_plan(workdir: str, shard_size: int) -> dict:
+    from tfa_ray import storage
     from tfa_ray.scoring import run_dir_url
     from tfa_ray.scoring.plan import load_or_make_plan
 
     cfg = _cfg(workdir, shard_size)
     base = _peak_mib()
     t0 = time.perf_counter()
-    plan = load_or_make_plan(cfg, "bench", run_dir_url(cfg.output, "bench"), _no_registry)
+    run = storage.resolve(run_dir_url(cfg.output, "bench"))
+    plan = load_or_make_plan(cfg, "bench", run, _no_registry)
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,
@@ -91,6 +93,7 @@ def step_fake_outputs(workdir: str, shard_size: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tfa_ray import storage
     from tfa_ray.scoring import OUTPUT_SCHEMA, run_dir_url
     from tfa_ray.scoring.contract import shard_file
     from tfa_ray.scoring.manifest import read_manifest, shard_starts
@@ -98,9 +101,9 @@ def step_fake_outputs(workdir: str, shard_size: int) -> dict:
 
     cfg = _cfg(workdir, shard_size)
     run_dir = run_dir_url(cfg.output, "bench")
-    plan = load_or_make_plan(cfg, "bench", run_dir, _no_registry)
-    for url in plan.manifest_urls():
-        m = read_manifest(url)
+    plan = load_or_make_plan(cfg, "bench", storage.resolve(run_dir), _no_registry)
+    for manifest in plan.manifests():
+        m = read_manifest(manifest)
         n = m.num_rows
         cols = {f.name: pa.nulls(n, f.type) for f in OUTPUT_SCHEMA}
         cols["path"] = m.column("path")
@@ -118,6 +121,7 @@ def step_fake_outputs(workdir: str, shard_size: int) -> dict:
 
 
 def step_verify(workdir: str, shard_size: int) -> dict:
+    from tfa_ray import storage
     from tfa_ray.scoring import run_dir_url
     from tfa_ray.scoring.plan import load_or_make_plan
     from tfa_ray.scoring.verify import verify
@@ -126,8 +130,8 @@ def step_verify(workdir: str, shard_size: int) -> dict:
     run_dir = run_dir_url(cfg.output, "bench")
     base = _peak_mib()
     t0 = time.perf_counter()
-    plan = load_or_make_plan(cfg, "bench", run_dir, _no_registry)
-    counts = verify(plan, run_dir, None)
+    plan = load_or_make_plan(cfg, "bench", storage.resolve(run_dir), _no_registry)
+    counts = verify(plan)
     seconds = time.perf_counter() - t0
     ok = sum(c["ok"] for c in counts.values())
     assert ok == plan.num_paths, (ok, plan.num_paths)

@@ -40,11 +40,11 @@ from tfa_ray.scoring import driver
 def faulty_write(batch, **kw):
     # write_shard, but while <output>/FAULT exists every shard after the first fails the way
     # a full (ENOSPC) or read-only (EROFS) volume fails a write
-    flag = os.path.join(os.path.dirname(kw["run_dir"]), "FAULT")
+    flag = os.path.join(os.path.dirname(kw["run"].url), "FAULT")
     file = str(batch["file"][0])
     if os.path.exists(flag) and not file.endswith("part-00000.parquet"):
         code = int(open(flag).read())
-        raise OSError(code, os.strerror(code), storage.join(kw["run_dir"], file))
+        raise OSError(code, os.strerror(code), storage.join(kw["run"].url, file))
     return scoring.write_shard(batch, **kw)
 
 stages = driver.Stages

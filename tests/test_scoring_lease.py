@@ -30,13 +30,14 @@ def _png(seed: int) -> bytes:
 
 
 def _lease_rules(run_dir: str, endpoint: str | None = None) -> None:
-    first = hold(run_dir, "night", ttl_s=30, endpoint_url=endpoint)
+    run = storage.resolve(run_dir, endpoint)
+    first = hold(run, "night", ttl_s=30)
     try:
         with pytest.raises(RunInProgress, match=r"in progress on .* \(pid \d+, lease until"):
-            hold(run_dir, "night", ttl_s=30, endpoint_url=endpoint)
+            hold(run, "night", ttl_s=30)
         threading.Timer(1.0, first.release).start()
         t0 = time.monotonic()
-        second = hold(run_dir, "night", wait=True, ttl_s=30, endpoint_url=endpoint, poll_s=0.2)
+        second = hold(run, "night", wait=True, ttl_s=30, poll_s=0.2)
         assert time.monotonic() - t0 >= 0.9  # it waited for the first to end
         second.release()
     finally:
@@ -45,7 +46,7 @@ def _lease_rules(run_dir: str, endpoint: str | None = None) -> None:
     # a lease whose run died: past its expiry, taken over
     stale = {"run_id": "night", "host": "gone", "pid": 1, "token": "x", "expires": time.time() - 5}
     storage.write_bytes(storage.join(run_dir, LEASE_FILE), json.dumps(stale).encode(), endpoint)
-    with hold(run_dir, "night", ttl_s=30, endpoint_url=endpoint) as taken:
+    with hold(run, "night", ttl_s=30) as taken:
         held = json.loads(storage.read_bytes(storage.join(run_dir, LEASE_FILE), endpoint))
         assert held["token"] == taken.token and held["pid"] == os.getpid()
         assert held["expires"] > time.time()
@@ -76,19 +77,21 @@ def test_lease_of_a_killed_process_on_this_host_is_stale(tmp_path):
         "expires": time.time() + 600,
     }
     (tmp_path / LEASE_FILE).write_text(json.dumps(lease))
-    with hold(str(tmp_path), "r") as taken:  # before its expiry: its process is gone
+    with hold(
+        storage.resolve(str(tmp_path)), "r"
+    ) as taken:  # before its expiry: its process is gone
         assert json.loads((tmp_path / LEASE_FILE).read_text())["token"] == taken.token
     alive = dict(lease, pid=os.getppid())  # a live process on this host: respected
     (tmp_path / LEASE_FILE).write_text(json.dumps(alive))
     with pytest.raises(RunInProgress):
-        hold(str(tmp_path), "r")
+        hold(storage.resolve(str(tmp_path)), "r")
 
 
 def test_lease_is_renewed(tmp_path):
-    with hold(str(tmp_path), "r", ttl_s=0.8) as lease:
+    with hold(storage.resolve(str(tmp_path)), "r", ttl_s=0.8) as lease:
         time.sleep(1.5)  # longer than the TTL: renewed meanwhile, so not stale
         with pytest.raises(RunInProgress):
-            hold(str(tmp_path), "r", ttl_s=0.8)
+            hold(storage.resolve(str(tmp_path)), "r", ttl_s=0.8)
         assert lease.token in (tmp_path / LEASE_FILE).read_text()
 
 

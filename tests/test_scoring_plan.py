@@ -9,6 +9,7 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
+from tfa_ray import storage
 from tfa_ray.scoring import ScoreConfig, read_results, run_dir_url
 from tfa_ray.scoring.contract import to_table
 from tfa_ray.scoring.listing import iter_prefix
@@ -39,13 +40,13 @@ def _manifest(tmp_path, n: int = 2000) -> tuple[str, set[str]]:
 def _plan(tmp_path, inp: str, run_id: str, manifest: ManifestConfig, shard_size: int = 7):
     cfg = ScoreConfig(input=inp, output=str(tmp_path / "out"), run_id=run_id, shard_size=shard_size)
     run_dir = run_dir_url(cfg.output, run_id)
-    return load_or_make_plan(cfg, run_id, run_dir, _no_registry, manifest), run_dir
+    return load_or_make_plan(cfg, run_id, storage.resolve(run_dir), _no_registry, manifest), run_dir
 
 
 def _shards(plan) -> list[tuple[str, int, tuple[str, ...]]]:
     out = []
     for s in plan.shards():
-        paths = read_shard_paths(s["manifest"], s["category"], s["shard"])
+        paths = read_shard_paths(storage.resolve(s["manifest"]), s["category"], s["shard"])
         assert len(paths) == s["rows"]
         out.append((s["file"], s["rows"], tuple(paths)))
     return sorted(out)
@@ -112,7 +113,7 @@ def test_a_shard_is_one_row_group_and_its_reader_reads_only_that(tmp_path, monke
     )
     shards = list(plan.shards())
     for s in shards:
-        paths = read_shard_paths(s["manifest"], s["category"], s["shard"])
+        paths = read_shard_paths(storage.resolve(s["manifest"]), s["category"], s["shard"])
         assert len(paths) == s["rows"]
     assert all(len(groups) == 1 for groups in read) and len(read) == len(shards)
 
@@ -120,7 +121,7 @@ def test_a_shard_is_one_row_group_and_its_reader_reads_only_that(tmp_path, monke
 def _fake_outputs(plan, run_dir: str, drop: str | None = None, twice: str | None = None) -> None:
     """Output files the way a finished run leaves them: one ok row per planned path."""
     for s in plan.shards():
-        paths = read_shard_paths(s["manifest"], s["category"], s["shard"])
+        paths = read_shard_paths(storage.resolve(s["manifest"]), s["category"], s["shard"])
         paths = [p for p in paths if p != drop] + [p for p in paths if p == twice]
         n = len(paths)
         table = to_table({"path": paths, "category": [s["category"]] * n, "status": ["ok"] * n})
@@ -137,7 +138,7 @@ def test_verify_streams_and_catches_a_missing_and_a_duplicated_path(tmp_path, mo
     seen: list[int] = []
     read = v._read_outputs
     monkeypatch.setattr(v, "_read_outputs", lambda *a: seen.append(len(t := read(*a))) or t)
-    counts = verify(plan, run_dir, None)
+    counts = verify(plan)
     assert {c: n["ok"] for c, n in counts.items()} == {
         "bolt": 667,
         "cable": 667,
@@ -151,10 +152,10 @@ def test_verify_streams_and_catches_a_missing_and_a_duplicated_path(tmp_path, mo
     victim = sorted(expected)[123]
     _fake_outputs(plan, run_dir, drop=victim)
     with pytest.raises(RuntimeError, match="1 missing, 0 unexpected, 0 duplicated"):
-        verify(plan, run_dir, None)
+        verify(plan)
     _fake_outputs(plan, run_dir, twice=victim)
     with pytest.raises(RuntimeError, match="0 missing, 0 unexpected, 1 duplicated"):
-        verify(plan, run_dir, None)
+        verify(plan)
     # a path in the output of a shard it was not planned for, and a file of no planned shard
     _fake_outputs(plan, run_dir)
     pq.write_table(
@@ -162,7 +163,7 @@ def test_verify_streams_and_catches_a_missing_and_a_duplicated_path(tmp_path, mo
         f"{run_dir}/category=bolt/part-99999.parquet",
     )
     with pytest.raises(RuntimeError, match="0 missing, 1 unexpected"):
-        verify(plan, run_dir, None)
+        verify(plan)
 
 
 def test_prefix_listing_in_parallel_batches(tmp_path):
@@ -178,7 +179,7 @@ def test_prefix_listing_in_parallel_batches(tmp_path):
     mem.pipe_file("/night/.hidden/a.png", b"x")
     mem.pipe_file("/night/d0/notes.txt", b"x")
     want.add("memory:///night/top.jpg")
-    batches = list(iter_prefix("memory:///night", threads=2))
+    batches = list(iter_prefix(storage.resolve("memory:///night"), threads=2))
     assert {p for b in batches for p in b} == want
     assert sum(len(b) for b in batches) == len(want)
     local = tmp_path / "in" / "bolt"
@@ -186,6 +187,6 @@ def test_prefix_listing_in_parallel_batches(tmp_path):
     for i in range(3):
         (local / f"{i}.png").write_bytes(b"x")
     (local / ".x.png").write_bytes(b"x")
-    assert sorted(p for b in iter_prefix(str(tmp_path / "in")) for p in b) == [
+    assert sorted(p for b in iter_prefix(storage.resolve(str(tmp_path / "in"))) for p in b) == [
         f"{local}/{i}.png" for i in range(3)
     ]

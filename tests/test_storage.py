@@ -194,3 +194,33 @@ def test_s3_missing_bucket_and_prefix(s3_env) -> None:
         storage.list_files(f"s3://{bucket}/absent")
     with pytest.raises(FileNotFoundError, match=f"s3://{bucket}/absent"):
         storage.list_dirs(f"s3://{bucket}/absent")
+
+
+def test_location_is_resolved_once_and_travels(s3_env, s3_server, monkeypatch, tmp_path) -> None:
+    """A location resolved once serves every file below it without resolving again, and
+    pickles (what Ray ships to a stage) to the same filesystem: fsspec rebuilds an s3fs
+    filesystem from its options once per process, endpoint included."""
+    import pickle
+
+    import fsspec.core
+
+    bucket = _bucket(s3_env)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    storage.clear_cache()
+    run = storage.resolve(f"s3://{bucket}/out/", endpoint_url=s3_server)
+    made: list[str] = []
+    real = fsspec.core.url_to_fs
+    monkeypatch.setattr(
+        fsspec.core, "url_to_fs", lambda url, **kw: made.append(url) or real(url, **kw)
+    )
+    run.join("a", "b.json").write_bytes(b"{}")
+    assert run.at(f"s3a://{bucket}/out/a/b.json").read_bytes() == b"{}"
+    assert run.list_files((".json",)) == [f"s3://{bucket}/out/a/b.json"]
+    back = pickle.loads(pickle.dumps(run))
+    assert back.fs is run.fs and back.path == f"{bucket}/out"
+    assert back.join("a/b.json").read_bytes() == b"{}"  # the endpoint travelled, not the env
+    assert made == []
+    local = run.at(str(tmp_path / "x"))  # another kind of store: resolved, with the endpoint
+    assert made == [str(tmp_path / "x")] and local.local and local.endpoint_url == s3_server
+    with pytest.raises(FileNotFoundError, match=rf"s3://{bucket}/out/none \(http://127"):
+        run.join("none").read_bytes()  # messages name the URL and the endpoint

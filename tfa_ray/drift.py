@@ -41,16 +41,19 @@ __all__ = [
 ]
 
 
-def finished_runs(root: str, last: int, endpoint_url: str | None = None) -> list[dict[str, Any]]:
+def finished_runs(
+    root: str | storage.Location, last: int, endpoint_url: str | None = None
+) -> list[dict[str, Any]]:
     """The ``_SUCCESS`` contents (with ``run_dir``) of the last ``last`` finished runs under
-    the output root ``root``, oldest first, ordered by their ``finished`` time."""
+    the output root ``root`` (a URL, or a location already resolved), oldest first, ordered by
+    their ``finished`` time."""
+    output = storage.locate(root, endpoint_url)
     runs = []
-    for d in storage.list_dirs(root, endpoint_url):
+    for d in output.list_dirs():
         if not d.rstrip("/").rsplit("/", 1)[-1].startswith("run_id="):
             continue
-        url = storage.join(d, SUCCESS_FILE)
         try:
-            success = json.loads(storage.read_bytes(url, endpoint_url))
+            success = json.loads(output.at(d).join(SUCCESS_FILE).read_bytes())
         except FileNotFoundError:
             continue  # not finished (yet)
         runs.append(dict(success, run_dir=d))

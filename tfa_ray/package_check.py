@@ -86,13 +86,15 @@ def check_calibration(data: dict[str, Any], where: str = "calibration.json") -> 
         # other scalars (a label, a note) are not numbers the decision needs
 
 
-def check_package(url: str, endpoint_url: str | None = None) -> None:
-    """Raise :class:`PackageError` when the package at ``url`` cannot be used; OSErrors while
-    reading it propagate (they may pass)."""
+def check_package(url: str | storage.Location, endpoint_url: str | None = None) -> None:
+    """Raise :class:`PackageError` when the package at ``url`` (a URL, or a location already
+    resolved) cannot be used; OSErrors while reading it propagate (they may pass)."""
     from tfa_ray.config import preset_from_json
 
+    package = storage.locate(url, endpoint_url)
+
     def read(name: str) -> bytes:
-        return storage.read_bytes(storage.join(url, name), endpoint_url)
+        return package.join(name).read_bytes()
 
     try:
         preset_from_json(read("config.json").decode())
@@ -109,7 +111,7 @@ def check_package(url: str, endpoint_url: str | None = None) -> None:
     except (ValueError, TypeError, KeyError) as e:
         raise PackageError(f"calibration.json: {e}") from None
     check_weights(read("weights.safetensors"))
-    if storage.exists(storage.join(url, "selection.json"), endpoint_url):  # older ones have none
+    if package.join("selection.json").exists():  # older packages have none
         try:
             InferenceChoice.from_json(read("selection.json").decode())
         except (ValueError, TypeError, KeyError) as e:

@@ -246,12 +246,12 @@ _TEMPLATE = """\
 """
 
 
-def _thumb(path: str, mask_png: bytes | None, endpoint_url: str | None, max_side: int) -> dict:
+def _thumb(image: storage.Location, mask_png: bytes | None, max_side: int) -> dict:
     """``thumb`` (a PNG data URI with the mask drawn in) or ``unavailable`` (why not)."""
     from tfa_ray.data import decode_image
 
     try:
-        img = decode_image(storage.read_bytes(path, endpoint_url))
+        img = decode_image(image.read_bytes())
     except Exception as e:  # noqa: BLE001 - the image may be gone since scoring
         return {"thumb": None, "unavailable": str(e)}
     return {"thumb": _data_uri(overlay_png(img, mask_png, max_side))}
@@ -364,18 +364,19 @@ def build_report(
     from tfa_ray.drift import finished_runs
     from tfa_ray.scoring.contract import SUCCESS_FILE, read_results
 
+    results = storage.resolve(results_url, endpoint_url)  # images too: on its filesystem
     trend = None
     if last is not None:
-        runs = finished_runs(results_url, last, endpoint_url)
+        runs = finished_runs(results, last)
         if not runs:
             raise FileNotFoundError(f"no finished run (with a _SUCCESS) under {results_url}")
         trend = _trend(runs)
-        results_url = runs[-1]["run_dir"]
-    rows = read_results(results_url, endpoint_url, LIGHT_COLUMNS).to_pylist()
+        results = results.at(runs[-1]["run_dir"])
+    rows = read_results(results, columns=LIGHT_COLUMNS).to_pylist()
     success = None
-    success_url = storage.join(results_url, SUCCESS_FILE)
-    if storage.exists(success_url, endpoint_url):
-        success = json.loads(storage.read_bytes(success_url, endpoint_url))
+    success_file = results.join(SUCCESS_FILE)
+    if success_file.exists():
+        success = json.loads(success_file.read_bytes())
     by_cat: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_cat.setdefault(r["category"] or "(none)", []).append(r)
@@ -388,9 +389,7 @@ def build_report(
     want = [r["path"] for rs in top.values() for r in rs]
     masks: dict[str, bytes | None] = {}
     if want:
-        t = read_results(
-            results_url, endpoint_url, ["path", "mask_png"], pc.field("path").isin(want)
-        )
+        t = read_results(results, columns=["path", "mask_png"], filter=pc.field("path").isin(want))
         masks = dict(
             zip(t.column("path").to_pylist(), t.column("mask_png").to_pylist(), strict=True)
         )
@@ -416,7 +415,7 @@ def build_report(
                     {
                         **r,
                         "verdict": "anomalous" if r["is_anomalous"] else "normal",
-                        **_thumb(r["path"], masks.get(r["path"]), endpoint_url, max_side),
+                        **_thumb(results.at(r["path"]), masks.get(r["path"]), max_side),
                     }
                     for r in top[cat]
                 ],
@@ -431,7 +430,7 @@ def build_report(
         trend=trend,
         title=title or "tfa-ray scoring report",
         css=Markup(_CSS),
-        results_url=results_url,
+        results_url=results.url,
         run_ids=sorted({r["run_id"] for r in rows if r["run_id"]}),
         finished=success.get("finished") if success else None,
         categories=categories,

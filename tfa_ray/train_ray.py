@@ -99,13 +99,13 @@ def _storage(settings: RaySettings):
 
         bucket_path = path.split("://", 1)[1].rstrip("/")
         bucket = bucket_path.split("/", 1)[0]
-        if not storage.exists(f"s3://{bucket}", settings.endpoint_url):
+        checkpoints = storage.resolve(f"s3://{bucket}", settings.endpoint_url)
+        if not checkpoints.exists():
             raise FileNotFoundError(
                 f"checkpoint bucket not found: s3://{bucket} "
                 "(check --storage-path, the endpoint and the credentials)"
             )
-        fs, _ = storage.get_fs(f"s3://{bucket}", settings.endpoint_url)
-        return bucket_path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+        return bucket_path, pafs.PyFileSystem(pafs.FSSpecHandler(checkpoints.fs))
     return path, None
 
 

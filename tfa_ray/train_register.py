@@ -51,27 +51,29 @@ def keep_package(package_dir: str, record: dict[str, Any], dest: str) -> str:
     point: a kept package with a record is complete). Returns the kept package's URL."""
     from tfa_ray.package import FILES
 
-    pkg = storage.join(dest, "package")
+    kept = storage.resolve(dest)
+    pkg = kept.join("package")
     for f in FILES:
         with open(os.path.join(package_dir, f), "rb") as fh:
-            storage.write_bytes(storage.join(pkg, f), fh.read())
-    storage.write_bytes(storage.join(dest, RESULT_FILE), json.dumps(record).encode())
-    storage.remove(storage.join(dest, REGISTERED_FILE))
-    return pkg
+            pkg.join(f).write_bytes(fh.read())
+    kept.join(RESULT_FILE).write_bytes(json.dumps(record).encode())
+    kept.join(REGISTERED_FILE).remove()
+    return pkg.url
 
 
 def find_unregistered(dest: str) -> dict[str, Any] | None:
     """The training record of a complete kept package that was never registered, or None."""
-    if storage.exists(storage.join(dest, REGISTERED_FILE)):
+    kept = storage.resolve(dest)
+    if kept.join(REGISTERED_FILE).exists():
         return None
     try:
-        record = json.loads(storage.read_bytes(storage.join(dest, RESULT_FILE)))
+        record = json.loads(kept.join(RESULT_FILE).read_bytes())
     except FileNotFoundError:
         return None
     from tfa_ray.package_check import PackageError, check_package
 
     try:
-        check_package(storage.join(dest, "package"))
+        check_package(kept.join("package"))
     except (PackageError, FileNotFoundError) as e:
         log.warning("kept package in %s is unusable (%s): training again", dest, e)
         return None
@@ -79,10 +81,11 @@ def find_unregistered(dest: str) -> dict[str, Any] | None:
 
 
 @contextmanager
-def local_copy(url: str) -> Iterator[str]:
+def local_copy(url: str | storage.Location) -> Iterator[str]:
     """A local directory holding the package at ``url`` (itself when it is local)."""
-    if storage.is_local(url):
-        yield storage.normalize(url)
+    package = storage.locate(url)
+    if package.local:
+        yield storage.normalize(package.url)
         return
     from tfa_ray.package import FILES
 
@@ -90,19 +93,19 @@ def local_copy(url: str) -> Iterator[str]:
     try:
         for f in FILES:
             with open(os.path.join(tmp, f), "wb") as fh:
-                fh.write(storage.read_bytes(storage.join(url, f)))
+                fh.write(package.join(f).read_bytes())
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _record_beside(package_url: str) -> dict[str, Any]:
+def _record_beside(package: storage.Location) -> dict[str, Any]:
     """The training record kept beside ``<dir>/package`` (a kept package), else {}."""
-    if package_url.rstrip("/").rsplit("/", 1)[-1] != "package":
+    if package.url.rstrip("/").rsplit("/", 1)[-1] != "package":
         return {}
-    parent = package_url.rstrip("/").rsplit("/", 1)[0]
+    parent = package.at(package.url.rstrip("/").rsplit("/", 1)[0])
     try:
-        return json.loads(storage.read_bytes(storage.join(parent, RESULT_FILE)))
+        return json.loads(parent.join(RESULT_FILE).read_bytes())
     except (FileNotFoundError, ValueError):
         return {}
 
@@ -121,15 +124,16 @@ def register_package(
     from tfa_ray import tracking
     from tfa_ray.package_check import check_package
 
-    check_package(package_url)  # a broken package is not registered
-    record = record if record is not None else _record_beside(package_url)
+    package = storage.resolve(package_url)
+    check_package(package)  # a broken package is not registered
+    record = record if record is not None else _record_beside(package)
     if not record:  # a package trained elsewhere: what its meta.json says
-        meta = json.loads(storage.read_bytes(storage.join(package_url, "meta.json")))
+        meta = json.loads(package.join("meta.json").read_bytes())
         record = {
             "params": {k: v for k, v in meta.items() if isinstance(v, str | int | float)},
             "history": meta.get("history") or [],
         }
-    with local_copy(package_url) as local:
+    with local_copy(package) as local:
         mv = tracking.log_training(
             local,
             category,
@@ -141,9 +145,10 @@ def register_package(
             uri=uri,
         )
     parent, _, leaf = package_url.rstrip("/").rpartition("/")
-    if leaf == "package" and storage.exists(storage.join(parent, RESULT_FILE)):  # kept: mark it
+    kept = package.at(parent)
+    if leaf == "package" and kept.join(RESULT_FILE).exists():  # kept: mark it
         marker = {"name": mv.name, "version": int(mv.version)}
-        storage.write_bytes(storage.join(parent, REGISTERED_FILE), json.dumps(marker).encode())
+        kept.join(REGISTERED_FILE).write_bytes(json.dumps(marker).encode())
     return mv
 
 
@@ -200,9 +205,10 @@ def copy_package(src: str, dst: str) -> None:
     """A local package's files to ``dst`` (a directory or URL)."""
     from tfa_ray.package import FILES
 
+    out = storage.resolve(dst)
     for f in FILES:
         with open(os.path.join(src, f), "rb") as fh:
-            storage.write_bytes(storage.join(dst, f), fh.read())
+            out.join(f).write_bytes(fh.read())
 
 
 def register_command(package_url: str, category: str, prefix: str = "tfa-") -> str:

@@ -97,16 +97,21 @@ def to_table(cols: dict[str, list]) -> pa.Table:
 
 
 def read_results(
-    url: str, endpoint_url: str | None = None, columns: list[str] | None = None, filter=None
+    where: str | storage.Location,
+    endpoint_url: str | None = None,
+    columns: list[str] | None = None,
+    filter=None,
 ) -> pa.Table:
-    """The Parquet output under ``url`` (a run directory or the output root) as a table;
-    ``filter`` is a pyarrow dataset expression."""
+    """The Parquet output under ``where`` (a run directory or the output root: a URL, or a
+    location already resolved) as a table; ``filter`` is a pyarrow dataset expression."""
     import pyarrow.dataset as pads
 
-    fs, path = storage.get_fs(url, endpoint_url)
+    results = storage.locate(where, endpoint_url)
     # Every partition key is also a column in the files: read the files' own columns, with the
     # fixed schema (directory-name inference would turn a category "123" into an integer).
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA)
+    dataset = pads.dataset(
+        results.path, filesystem=results.fs, format="parquet", schema=OUTPUT_SCHEMA
+    )
     return dataset.to_table(columns=columns, filter=filter)
 
 

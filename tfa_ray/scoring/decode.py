@@ -68,18 +68,17 @@ def jpeg_header(data: bytes, max_pixels: int | None) -> tuple[int, int] | None:
 
 
 def read_and_decode(
-    path: str,
+    image: storage.Location,
     size: int,
     max_pixels: int | None,
-    endpoint_url: str | None,
     gpu_decode: bool = False,
 ) -> tuple[np.ndarray | bytes | None, dict[str, Any]]:
     """(S x S RGB uint8 as (3, S, S), item), or with ``gpu_decode`` for a JPEG the device can
     decode (:func:`jpeg_header`) its encoded bytes and an item marked ``encoded``, or (None,
     error item)."""
-    item: dict[str, Any] = {"path": path}
+    item: dict[str, Any] = {"path": image.url}
     try:
-        data = storage.read_bytes(path, endpoint_url)
+        data = image.read_bytes()
     except Exception as e:  # noqa: BLE001 - unreadable object: an error row
         kind = TRANSIENT if is_transient(e) else PERMANENT  # gone / a directory: final
         return None, mark_error(item, f"cannot read: {type(e).__name__}: {e}", kind)
@@ -159,28 +158,38 @@ def decode_jpegs(datas: list[bytes], size: int, device: Any) -> list[Any]:
     return out
 
 
-def shard_paths(batch: dict[str, Any], endpoint_url: str | None) -> list[str]:
-    """The shard's paths, read from the plan's manifest file (the driver's rows name the shard
-    only, so its memory does not grow with the paths)."""
+def _at(where: storage.Location | None, url: str) -> storage.Location:
+    """``url`` on the run's filesystem ``where`` (None: resolved on its own, for callers of a
+    single stage)."""
+    return where.at(url) if where is not None else storage.resolve(url)
+
+
+def shard_paths(batch: dict[str, Any], run: storage.Location | None) -> list[str]:
+    """The shard's paths, read from the plan's manifest file in the run directory ``run`` (the
+    driver's rows name the shard only, so its memory does not grow with the paths)."""
     category = cell(batch, "category") or None
     shard = int(cell(batch, "shard"))
-    return read_shard_paths(cell(batch, "manifest"), category, shard, endpoint_url)
+    return read_shard_paths(_at(run, cell(batch, "manifest")), category, shard)
 
 
 def decode_shard(
     batch: dict[str, Any],
     models: dict[str, Any],
     max_pixels: int | None,
-    endpoint_url: str | None,
+    source: storage.Location | None,
     gpu_decode: bool = False,
     root: str | None = None,
+    run: storage.Location | None = None,
 ) -> dict[str, list]:
     """One shard row in, one row out: ``images`` (n, 3, S, S) uint8 as .npy bytes, ``encoded``
     (with ``gpu_decode``: the JPEGs left for the scorer's device, concatenated) and ``items``
     (JSON: path, status, error, error_kind, width, height per input path; ``encoded``: the
-    byte count of an item left encoded; the other ok items are the rows of ``images``)."""
+    byte count of an item left encoded; the other ok items are the rows of ``images``).
+
+    The images are read on the input's filesystem ``source``, the manifest on the run's
+    ``run``: resolved once by the driver, they arrive with the task."""
     file, category = cell(batch, "file"), cell(batch, "category") or None
-    paths = shard_paths(batch, endpoint_url)
+    paths = shard_paths(batch, run)
     model = models.get(category) if category else None
     items: list[dict[str, Any]] = []
     arrays: list[np.ndarray] = []
@@ -198,7 +207,7 @@ def decode_shard(
             kind = TRANSIENT if model and model.get("transient") else PERMANENT
             items.append(mark_error({"path": path}, msg, kind))
         else:
-            arr, item = read_and_decode(path, size, max_pixels, endpoint_url, gpu_decode)
+            arr, item = read_and_decode(_at(source, path), size, max_pixels, gpu_decode)
             items.append(item)
             if isinstance(arr, bytes):
                 encoded.append(arr)

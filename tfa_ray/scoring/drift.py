@@ -314,7 +314,7 @@ def _entry(cal: Calibrations | Calibration | str | None, thresholds: set[float])
 
 
 def run_drift(
-    run_dir: str,
+    run_dir: str | storage.Location,
     models: dict[str, dict[str, Any]],
     calibrations: dict[str, Calibrations | Calibration | str],
     endpoint_url: str | None = None,
@@ -322,13 +322,14 @@ def run_drift(
 ) -> dict[str, Any]:
     """The drift section of a finished run's ``_SUCCESS``: the rules and one entry per
     category found in the output (ok rows scored, error rows counted), each against the
-    calibration of the precision its rows were scored at."""
+    calibration of the precision its rows were scored at. ``run_dir``: a URL, or a location
+    already resolved (the driver's)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    fs, path = storage.get_fs(run_dir, endpoint_url)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA)
+    run = storage.locate(run_dir, endpoint_url)
+    dataset = pads.dataset(run.path, filesystem=run.fs, format="parquet", schema=OUTPUT_SCHEMA)
     thresholds = _thresholds(dataset, STATUS_OK)
     entries = {c: _entry(cal, thresholds.get(c, set())) for c, cal in calibrations.items()}
     accs: dict[str, _Accumulator] = {}
@@ -369,7 +370,7 @@ def _np(array) -> np.ndarray:
 
 
 def drift_section(
-    run_dir: str,
+    run_dir: str | storage.Location,
     models: dict[str, dict[str, Any]],
     resolver: Callable[..., tuple[str, int, str]],
     alias: str,
@@ -380,5 +381,6 @@ def drift_section(
     try:
         return run_drift(run_dir, models, load_calibrations(models, resolver, alias), endpoint_url)
     except Exception as e:  # noqa: BLE001
-        log.warning("drift of %s not computed: %s", run_dir, e, exc_info=True)
+        where = getattr(run_dir, "url", run_dir)
+        log.warning("drift of %s not computed: %s", where, e, exc_info=True)
         return {"error": f"{type(e).__name__}: {e}", "categories": {}}

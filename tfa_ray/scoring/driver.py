@@ -63,14 +63,14 @@ class Stages:
     write: Callable[..., dict] = write_shard
 
 
-def check_urls(cfg: ScoreConfig) -> None:
+def check_urls(cfg: ScoreConfig, output: storage.Location) -> None:
     """Refuse URLs that would reach beyond what the user named, before anything is listed or
     written: an ``s3://`` URL without a bucket, an output bucket that does not exist (it is
     never created)."""
     for url in (cfg.input, cfg.output, cfg.root):
         if url and storage.is_s3(url):
             storage.split_bucket(url)
-    storage.require_bucket(cfg.output, cfg.endpoint_url)
+    output.require_bucket()
 
 
 def _new_run_id() -> str:
@@ -78,8 +78,17 @@ def _new_run_id() -> str:
 
 
 def _pipeline(
-    cfg: ScoreConfig, plan: Plan, todo: list[dict], run_dir: str, resolver: Resolver, st: Stages
+    cfg: ScoreConfig,
+    plan: Plan,
+    todo: list[dict],
+    images: storage.Location,
+    resolver: Resolver,
+    st: Stages,
 ) -> Iterable[dict]:
+    """The Ray Data pipeline over the shards ``todo``. The stages get the run's locations
+    (``images``: where the input's files are, ``plan.run``: the run directory), pickled with
+    their filesystems: a worker process rebuilds each filesystem once (fsspec's instance
+    cache), never from a URL."""
     import ray.data
 
     from tfa_ray.ray_env import init_ray
@@ -111,7 +120,8 @@ def _pipeline(
         fn_kwargs={
             "models": plan.models,
             "max_pixels": cfg.max_pixels,
-            "endpoint_url": cfg.endpoint_url,
+            "source": images,
+            "run": plan.run,
             "gpu_decode": cfg.decode_on_device(),  # JPEGs travel encoded to the scorer
             "root": plan.header.get("root"),  # paths outside it: error rows that say so
         },
@@ -139,10 +149,9 @@ def _pipeline(
         batch_size=1,
         num_cpus=1,
         fn_kwargs={
-            "run_dir": run_dir,
+            "run": plan.run,
             "run_id": plan.run_id,
             "heatmaps": cfg.heatmaps,
-            "endpoint_url": cfg.endpoint_url,
             "full_res": cfg.full_res_masks,
         },
     )
@@ -196,12 +205,13 @@ def score(
     if cfg.endpoint_url is None:  # the driver's environment decides the endpoint for all workers
         env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         cfg = dataclasses.replace(cfg, endpoint_url=env_endpoint or None)
-    check_urls(cfg)
+    output = storage.resolve(cfg.output, cfg.endpoint_url)  # the run's filesystem, made once
+    check_urls(cfg, output)
     resolver = resolver or RegistryResolver(prefix=cfg.prefix)
     run_id = cfg.run_id or _new_run_id()
-    run_dir = run_dir_url(cfg.output, run_id)
-    with hold(run_dir, run_id, cfg.wait, cfg.lease_ttl_s, cfg.endpoint_url):
-        return _score(cfg, resolver, echo, stages, run_id, run_dir, t0)
+    run = output.at(run_dir_url(cfg.output, run_id))
+    with hold(run, run_id, cfg.wait, cfg.lease_ttl_s):
+        return _score(cfg, resolver, echo, stages, run_id, run, t0)
 
 
 def _score(
@@ -210,12 +220,14 @@ def _score(
     echo: Callable[[str], None],
     stages: Stages | None,
     run_id: str,
-    run_dir: str,
+    run: storage.Location,
     t0: float,
 ) -> RunSummary:
     """The run, with its lease held."""
-    plan = load_or_make_plan(cfg, run_id, run_dir, resolver)
-    todo = pending_shards(plan, run_dir, cfg.endpoint_url)
+    source = run.at(cfg.input)  # the input: on the run's filesystem unless on another store
+    images = source.at(cfg.root) if cfg.root else source  # a manifest's files: under its root
+    plan = load_or_make_plan(cfg, run_id, run, resolver, source=source)
+    todo = pending_shards(plan)
     skipped = plan.num_shards - len(todo)
     echo(
         f"run {run_id}: {plan.num_paths} images in {plan.num_shards} shards"
@@ -227,17 +239,17 @@ def _score(
     peak_rss = 0.0
     if todo:
         progress = Progress(sum(s["rows"] for s in todo), echo)
-        for row in _pipeline(cfg, plan, todo, run_dir, resolver, stages or Stages()):
+        for row in _pipeline(cfg, plan, todo, images, resolver, stages or Stages()):
             pids["decode"].add(int(row["decode_pid"]))
             pids["score"].add(int(row["score_pid"]))
             peak_rss = max(peak_rss, float(row["score_rss_mb"]))
             log.info("shard %s written: %s rows", row["file"], row["rows"])
             progress.add(int(row["rows"]))
-    counts = verify(plan, run_dir, cfg.endpoint_url)
+    counts = verify(plan)
     total = {k: sum(c[k] for c in counts.values()) for k in COUNT_KEYS}
     summary = RunSummary(
         run_id=run_id,
-        run_dir=run_dir,
+        run_dir=run.url,
         total=total["total"],
         ok=total["ok"],
         error=total["error"],
@@ -255,21 +267,17 @@ def _score(
         },
         scorer_peak_rss_mb=peak_rss,
     )
-    drift = drift_section(run_dir, plan.models, resolver, cfg.alias, cfg.endpoint_url)
+    drift = drift_section(run, plan.models, resolver, cfg.alias)
     success: dict[str, Any] = dict(
         summary.to_dict(),
         input=cfg.input,
         finished=_dt.datetime.now(_dt.UTC).isoformat(),
         drift=drift,
     )
-    storage.write_bytes(
-        storage.join(run_dir, SUCCESS_FILE),
-        json.dumps(success, indent=2).encode(),
-        cfg.endpoint_url,
-    )
+    run.join(SUCCESS_FILE).write_bytes(json.dumps(success, indent=2).encode())
     echo(
         f"run {run_id} done: {summary.total} images, {summary.ok} ok, {summary.error} errors, "
-        f"{summary.anomalous} anomalous -> {run_dir}"
+        f"{summary.anomalous} anomalous -> {run.url}"
     )
     for cat, d in sorted(drift["categories"].items()):
         for warning in d["warnings"]:

@@ -59,10 +59,9 @@ def _dead_here(lease: dict[str, Any]) -> bool:
 
 @dataclass
 class Lease:
-    url: str
+    at: storage.Location  # the lease file, on the run's filesystem
     run_id: str
     ttl_s: float = 120.0
-    endpoint_url: str | None = None
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     etag: str | None = None  # S3: of our last write (renewals are conditional on it)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -83,8 +82,8 @@ class Lease:
 
     def _create(self) -> bool:
         """Write the lease if none exists; False if one does."""
-        fs, path = storage.get_fs(self.url, self.endpoint_url)
-        if storage.is_local(self.url):
+        fs, path = self.at.fs, self.at.path
+        if self.at.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -105,9 +104,9 @@ class Lease:
     def _read(self) -> tuple[dict[str, Any] | None, str | None]:
         """(the lease's content, its ETag / local stamp), (None, None) when there is none. A
         local lease being written (empty or partial JSON) reads as held until the TTL."""
-        fs, path = storage.get_fs(self.url, self.endpoint_url)
+        fs, path = self.at.fs, self.at.path
         try:
-            if storage.is_local(self.url):
+            if self.at.local:
                 st = os.stat(path)
                 with open(path, "rb") as f:
                     data = f.read()
@@ -123,8 +122,8 @@ class Lease:
 
     def _take_over(self, stale: dict[str, Any], tag: str | None) -> bool:
         """Replace a stale lease with ours; False if another process got there first."""
-        fs, path = storage.get_fs(self.url, self.endpoint_url)
-        if not storage.is_local(self.url):
+        fs, path = self.at.fs, self.at.path
+        if not self.at.local:
             try:
                 fs.pipe_file(path, self.body(), IfMatch=tag)
             except (FileNotFoundError, OSError):
@@ -188,11 +187,10 @@ class Lease:
                 if current is None or current.get("token") != self.token:
                     log.error("run %s: lost its lease to %s", self.run_id, current)
                     return
-                fs, path = storage.get_fs(self.url, self.endpoint_url)
-                if storage.is_local(self.url):
-                    storage.write_bytes(self.url, self.body())
+                if self.at.local:
+                    self.at.write_bytes(self.body())
                 else:
-                    fs.pipe_file(path, self.body(), IfMatch=tag)
+                    self.at.fs.pipe_file(self.at.path, self.body(), IfMatch=tag)
             except Exception as e:  # noqa: BLE001 - try again at the next tick
                 log.warning("run %s: lease renewal failed: %s", self.run_id, e)
 
@@ -203,7 +201,7 @@ class Lease:
             self._thread.join(timeout=10)
         current, _ = self._read()
         if current is not None and current.get("token") == self.token:
-            storage.remove(self.url, self.endpoint_url)
+            self.at.remove()
 
     def __enter__(self) -> Lease:
         return self
@@ -213,15 +211,15 @@ class Lease:
 
 
 def hold(
-    run_dir: str,
+    run: storage.Location,
     run_id: str,
     wait: bool = False,
     ttl_s: float = 120.0,
-    endpoint_url: str | None = None,
     poll_s: float = 5.0,
 ) -> Lease:
-    """The run's lease, held (use as a context manager: released at the end)."""
-    lease = Lease(storage.join(run_dir, LEASE_FILE), run_id, ttl_s, endpoint_url)
+    """The lease of the run directory ``run``, held (use as a context manager: released at the
+    end)."""
+    lease = Lease(run.join(LEASE_FILE), run_id, ttl_s)
     return lease.acquire(wait=wait, poll_s=poll_s)
 
 

@@ -24,8 +24,8 @@ LIST_THREADS = 16  # sub-prefixes listed at once (object stores answer one page 
 Entry = tuple[str, str | None]  # (path, category from the manifest or None)
 
 
-def is_manifest(url: str, endpoint_url: str | None) -> bool:
-    return url.lower().endswith(MANIFEST_SUFFIXES) and not storage.is_dir(url, endpoint_url)
+def is_manifest(source: storage.Location) -> bool:
+    return source.url.lower().endswith(MANIFEST_SUFFIXES) and not source.is_dir()
 
 
 def _is_absolute(path: str) -> bool:
@@ -66,9 +66,8 @@ def _batched(items: Iterator, size: int = BATCH) -> Iterator[list]:
 
 
 def iter_prefix(
-    url: str,
+    prefix: storage.Location,
     suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
-    endpoint_url: str | None = None,
     threads: int = LIST_THREADS,
 ) -> Iterator[list[str]]:
     """Files under a prefix, in batches and in no particular order (the plan sorts them).
@@ -76,9 +75,9 @@ def iter_prefix(
     Local: one ``os.walk``. Object stores: each top-level sub-prefix is listed by its own
     ``find`` in a thread pool, at most ``2 * threads`` listings held at once."""
     want = tuple(s.lower() for s in suffixes)
-    fs, path = storage.get_fs(url, endpoint_url)
+    url, fs, path = prefix.url, prefix.fs, prefix.path
     root = path.rstrip("/")
-    if storage.is_local(url) and os.path.isdir(path):
+    if prefix.local and os.path.isdir(path):
         walk = (
             os.path.join(d, name).replace(os.sep, "/")
             for d, _, names in os.walk(path, followlinks=True)
@@ -91,9 +90,9 @@ def iter_prefix(
     except FileNotFoundError:
         top = []
     if not top:  # a single file, or a missing prefix: storage names the problem
-        yield storage.list_files(url, suffixes, endpoint_url=endpoint_url)
+        yield prefix.list_files(suffixes)
         return
-    to_url = (lambda p: p) if storage.is_local(url) else (lambda p: f"{url.split('://')[0]}://{p}")
+    to_url = (lambda p: p) if prefix.local else (lambda p: f"{url.split('://')[0]}://{p}")
     files = [e["name"] for e in top if e["type"] == "file"]
     yield from _batched(to_url(p) for p in files if _wanted(p, root, want))
     dirs = [e["name"].rstrip("/") for e in top if e["type"] == "directory"]
@@ -110,9 +109,9 @@ def iter_prefix(
             yield from _batched(to_url(p) for p in found if _wanted(p, root, want))
 
 
-def _iter_manifest(url: str, endpoint_url: str | None) -> Iterator[list[Entry]]:
-    fs, path = storage.get_fs(url, endpoint_url)
-    with fs.open(path, "rb") as f:
+def _iter_manifest(manifest: storage.Location) -> Iterator[list[Entry]]:
+    url = manifest.url
+    with manifest.open() as f:
         if url.lower().endswith(".parquet"):
             pf = pq.ParquetFile(f)
             names = pf.schema_arrow.names
@@ -132,35 +131,37 @@ def _iter_manifest(url: str, endpoint_url: str | None) -> Iterator[list[Entry]]:
 
 
 def iter_inputs(
-    input_url: str, endpoint_url: str | None = None, root: str | None = None
+    source: storage.Location, root: str | None = None
 ) -> tuple[str, Iterator[list[Entry]]]:
     """(root, batches of (path, category from the manifest or None)) for a prefix or a manifest.
 
     A manifest's relative paths are joined to ``root`` (default: the manifest's directory);
     every path is normalised (:func:`normalize_path`), so ``./a.png`` and ``a.png`` are one
     file. Whether a path stays inside ``root`` is the plan's question (``..`` may leave it)."""
-    if is_manifest(input_url, endpoint_url):
-        base = normalize_path(root or storage.normalize(input_url).rsplit("/", 1)[0])
+    if is_manifest(source):
+        base = normalize_path(root or storage.normalize(source.url).rsplit("/", 1)[0])
         prefix = base.rstrip("/") + "/"
 
         def joined() -> Iterator[list[Entry]]:
-            for batch in _iter_manifest(input_url, endpoint_url):
+            for batch in _iter_manifest(source):
                 yield [
                     (normalize_path(p if _is_absolute(p) else prefix + p.lstrip("/")), c)
                     for p, c in batch
                 ]
 
         return base, joined()
-    batches = iter_prefix(input_url, IMAGE_SUFFIXES, endpoint_url)
-    return storage.normalize(root or input_url), ([(p, None) for p in b] for b in batches)
+    batches = iter_prefix(source, IMAGE_SUFFIXES)
+    return storage.normalize(root or source.url), ([(p, None) for p in b] for b in batches)
 
 
 def list_inputs(
     input_url: str, endpoint_url: str | None = None, root: str | None = None
 ) -> tuple[str, list[Entry]]:
-    """:func:`iter_inputs` as one list (small inputs and tests; prefixes come sorted)."""
-    root_url, batches = iter_inputs(input_url, endpoint_url, root)
+    """:func:`iter_inputs` of a URL, as one list (small inputs and tests; prefixes come
+    sorted)."""
+    source = storage.resolve(input_url, endpoint_url)
+    root_url, batches = iter_inputs(source, root)
     entries = [e for b in batches for e in b]
-    if not is_manifest(input_url, endpoint_url):
+    if not is_manifest(source):
         entries.sort()
     return root_url, entries

@@ -169,13 +169,12 @@ def _write_shards(writer: pq.ParquetWriter, rows: pa.Table, size: int) -> None:
 
 def write_manifest(
     entries: Iterable[pa.Table],
-    run_dir: str,
+    run: storage.Location,
     shard_size: int,
-    endpoint_url: str | None = None,
     cfg: ManifestConfig | None = None,
 ) -> ManifestStats:
     """Sort, deduplicate and shard ``entries`` (tables of ``path``, ``category``) into the
-    manifest files under ``<run_dir>/_plan/``."""
+    manifest files under ``<run>/_plan/``."""
     cfg = cfg or ManifestConfig()
     stats = ManifestStats()
     sharder = _Sharder(max(1, int(shard_size)))
@@ -213,7 +212,7 @@ def write_manifest(
             if writer is not None:
                 writer.close()
                 local = os.path.join(tmp, "manifest.parquet")  # atomic: never half a file
-                storage.put_file(local, storage.join(run_dir, stats.files[-1]), endpoint_url)
+                run.join(stats.files[-1]).put_file(local)
                 writer, written = None, 0
 
         for chunk in _merge(runs, cfg.merge_rows):
@@ -237,10 +236,9 @@ def shards_of(manifest: pa.Table) -> list[dict]:
     ]
 
 
-def read_shards(url: str, endpoint_url: str | None = None) -> list[dict]:
+def read_shards(manifest: storage.Location) -> list[dict]:
     """The shards of one manifest file (its category and shard columns only)."""
-    fs, path = storage.get_fs(url, endpoint_url)
-    with fs.open(path, "rb") as f:
+    with manifest.open() as f:
         return shards_of(pq.read_table(f, columns=["category", "shard"]))
 
 
@@ -258,15 +256,12 @@ def _may_hold(group: pq.RowGroupMetaData, category: str | None, shard: int) -> b
     return idx is None or not idx.has_min_max or idx.min <= shard <= idx.max
 
 
-def read_shard_paths(
-    url: str, category: str | None, shard: int, endpoint_url: str | None = None
-) -> list[str]:
+def read_shard_paths(manifest: storage.Location, category: str | None, shard: int) -> list[str]:
     """One shard's paths, read from its manifest file: its own row group only, found by the
     row groups' statistics in the footer, which is parsed once per file and process (keyed by
     the file's size too, so a manifest rewritten by a re-planned run is parsed again)."""
-    fs, path = storage.get_fs(url, endpoint_url)
-    with fs.open(path, "rb") as f:
-        key = (url, int(getattr(f, "size", None) or fs.size(path)))
+    with manifest.open() as f:
+        key = (manifest.url, int(getattr(f, "size", None) or manifest.fs.size(manifest.path)))
         pf = pq.ParquetFile(f, metadata=_footers.get(key))
         _footers[key] = meta = pf.metadata
         _footers.move_to_end(key)
@@ -284,8 +279,7 @@ def read_shard_paths(
     return rows.filter(keep).column("path").to_pylist()
 
 
-def read_manifest(url: str, endpoint_url: str | None = None) -> pa.Table:
+def read_manifest(manifest: storage.Location) -> pa.Table:
     """A whole manifest file (bounded: ``ManifestConfig.group_rows`` paths plus one emission)."""
-    fs, path = storage.get_fs(url, endpoint_url)
-    with fs.open(path, "rb") as f:
+    with manifest.open() as f:
         return pq.read_table(f)

@@ -111,8 +111,9 @@ def resolve_category(cfg: ScoreConfig, category: str, resolver: Resolver) -> dic
     name, version = f"{cfg.prefix}{category}", None
     try:
         name, version, url = resolver(category, cfg.alias)
-        check_package(url)  # a broken package fails its rows permanently, named, here
-        preset = preset_from_json(storage.read_bytes(storage.join(url, "config.json")).decode())
+        package = storage.resolve(url)
+        check_package(package)  # a broken package fails its rows permanently, named, here
+        preset = preset_from_json(package.join("config.json").read_bytes().decode())
         return {"name": name, "version": int(version), "image_size": preset.model.image_size}
     except PackageError as e:
         return {
@@ -136,8 +137,7 @@ class Plan:
     """The header of a run's plan; its shards stream from the manifest files."""
 
     header: dict[str, Any]
-    run_dir: str
-    endpoint_url: str | None = None
+    run: storage.Location  # the run directory
 
     @property
     def run_id(self) -> str:
@@ -155,14 +155,17 @@ class Plan:
     def num_shards(self) -> int:
         return int(self.header["num_shards"])
 
+    def manifests(self) -> list[storage.Location]:
+        return [self.run.join(f) for f in self.header["manifest"]]
+
     def manifest_urls(self) -> list[str]:
-        return [storage.join(self.run_dir, f) for f in self.header["manifest"]]
+        return [m.url for m in self.manifests()]
 
     def shards(self) -> Iterator[dict[str, Any]]:
         """Every shard (file, category, shard, rows, manifest url), one manifest at a time."""
-        for url in self.manifest_urls():
-            for s in read_shards(url, self.endpoint_url):
-                yield dict(s, manifest=url)
+        for manifest in self.manifests():
+            for s in read_shards(manifest):
+                yield dict(s, manifest=manifest.url)
 
 
 def _category_tables(
@@ -183,16 +186,18 @@ def _category_tables(
 def make_plan(
     cfg: ScoreConfig,
     run_id: str,
-    run_dir: str,
+    run: storage.Location,
     resolver: Resolver,
     manifest: ManifestConfig | None = None,
+    source: storage.Location | None = None,
 ) -> Plan:
-    """List the input, assign categories, write the manifest, resolve each category's model."""
-    root, batches = iter_inputs(cfg.input, cfg.endpoint_url, cfg.root)
+    """List the input (``source``, default ``cfg.input`` on the run's filesystem), assign
+    categories, write the manifest, resolve each category's model."""
+    root, batches = iter_inputs(source or run.at(cfg.input), cfg.root)
     tables = _category_tables(
         batches, root, cfg.category, cfg.category_pattern, cfg.allow_outside_root
     )
-    stats = write_manifest(tables, run_dir, cfg.shard_size, cfg.endpoint_url, manifest)
+    stats = write_manifest(tables, run, cfg.shard_size, manifest)
     if not stats.num_paths:
         raise ValueError(f"no input images under {cfg.input}")
     cats = sorted(c for c in stats.categories if c)
@@ -210,28 +215,29 @@ def make_plan(
         "categories": [[c, n["paths"], n["shards"]] for c, n in stats.categories.items()],
         "manifest": stats.files,
     }
-    return Plan(header, run_dir, cfg.endpoint_url)
+    return Plan(header, run)
 
 
 def _write_header(plan: Plan) -> None:
-    url = storage.join(plan.run_dir, PLAN_FILE)
-    storage.write_bytes(url, json.dumps(plan.header).encode(), plan.endpoint_url)
+    plan.run.join(PLAN_FILE).write_bytes(json.dumps(plan.header).encode())
 
 
 def load_or_make_plan(
     cfg: ScoreConfig,
     run_id: str,
-    run_dir: str,
+    run: storage.Location,
     resolver: Resolver,
     manifest: ManifestConfig | None = None,
+    source: storage.Location | None = None,
 ) -> Plan:
-    """The run's plan: read back (models that failed transiently resolved again) or made."""
-    plan_url = storage.join(run_dir, PLAN_FILE)
-    if not storage.exists(plan_url, cfg.endpoint_url):
-        plan = make_plan(cfg, run_id, run_dir, resolver, manifest)
+    """The plan of the run directory ``run``: read back (models that failed transiently
+    resolved again) or made (from ``source``, see :func:`make_plan`)."""
+    plan_file = run.join(PLAN_FILE)
+    if not plan_file.exists():
+        plan = make_plan(cfg, run_id, run, resolver, manifest, source)
         _write_header(plan)  # last: the commit point of the plan
         return plan
-    header = json.loads(storage.read_bytes(plan_url, cfg.endpoint_url))
+    header = json.loads(plan_file.read_bytes())
     if header.get("input") != cfg.input:
         raise ValueError(
             f"run {run_id!r} already exists for input {header.get('input')!r}, not "
@@ -239,7 +245,7 @@ def load_or_make_plan(
         )
     if "manifest" not in header:
         raise ValueError(f"run {run_id!r} has a plan of an older format: use another --run-id")
-    plan = Plan(header, run_dir, cfg.endpoint_url)
+    plan = Plan(header, run)
     log.info("resuming run %s: plan with %d shards", run_id, plan.num_shards)
     retry = [c for c, m in plan.models.items() if m.get("transient")]
     if retry:
@@ -249,24 +255,22 @@ def load_or_make_plan(
     return plan
 
 
-def listed(url: str, suffix: str, endpoint_url: str | None) -> set[str]:
-    """Files under ``url`` with ``suffix``, relative to ``url`` (none if it does not exist);
-    the plan's own manifest is not among them. One entry per shard, not per path."""
+def listed(where: storage.Location, suffix: str) -> set[str]:
+    """Files under ``where`` with ``suffix``, relative to it (none if it does not exist); the
+    plan's own manifest is not among them. One entry per shard, not per path."""
     try:
-        files = storage.list_files(url, (suffix,), endpoint_url=endpoint_url)
+        files = where.list_files((suffix,))
     except FileNotFoundError:
         return set()
-    base = storage.normalize(url).rstrip("/") + "/"
+    base = storage.normalize(where.url).rstrip("/") + "/"
     rel = (f[len(base) :] for f in files if f.startswith(base))
     return {f for f in rel if not f.startswith(PLAN_DIR + "/")}
 
 
-def pending_shards(plan: Plan, run_dir: str, endpoint_url: str | None) -> list[dict]:
+def pending_shards(plan: Plan) -> list[dict]:
     """The shards still to score: no file yet, or a file with transient error rows."""
-    written = listed(run_dir, ".parquet", endpoint_url)
-    retry = {
-        f"{RETRY_DIR}/{m}" for m in listed(storage.join(run_dir, RETRY_DIR), ".json", endpoint_url)
-    }
+    written = listed(plan.run, ".parquet")
+    retry = {f"{RETRY_DIR}/{m}" for m in listed(plan.run.join(RETRY_DIR), ".json")}
     return [
         s for s in plan.shards() if s["file"] not in written or retry_marker(s["file"]) in retry
     ]

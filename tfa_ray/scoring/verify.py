@@ -21,12 +21,11 @@ COUNT_KEYS = ("total", "ok", "error", "transient", "anomalous")
 _COLUMNS = ["path", "category", "status", "error_kind", "is_anomalous"]
 
 
-def _read_outputs(run_dir: str, files: list[str], endpoint_url: str | None) -> pa.Table:
-    fs, base = storage.get_fs(run_dir, endpoint_url)
+def _read_outputs(run: storage.Location, files: list[str]) -> pa.Table:
     if not files:
         return OUTPUT_SCHEMA.empty_table().select(_COLUMNS)
-    paths = [f"{base.rstrip('/')}/{f}" for f in files]
-    dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA)
+    paths = [f"{run.path.rstrip('/')}/{f}" for f in files]
+    dataset = pads.dataset(paths, filesystem=run.fs, format="parquet", schema=OUTPUT_SCHEMA)
     return dataset.to_table(columns=_COLUMNS, use_threads=False)  # one file at a time
 
 
@@ -59,23 +58,23 @@ def compare_paths(expected: pa.Array, got: pa.Array) -> tuple[int, int, int]:
     return missing, unexpected, len(got) - len(distinct)
 
 
-def verify(plan: Plan, run_dir: str, endpoint_url: str | None) -> dict[str, dict[str, int]]:
+def verify(plan: Plan) -> dict[str, dict[str, int]]:
     """Every planned path exactly once; per-category counts (``transient`` among the errors)."""
-    written = listed(run_dir, ".parquet", endpoint_url)
+    written = listed(plan.run, ".parquet")
     planned: set[str] = set()  # one entry per shard, not per path
     missing = unexpected = duplicated = 0
     counts: dict[str, dict[str, int]] = {}
-    for url in plan.manifest_urls():
-        manifest = read_manifest(url, endpoint_url)
+    for where in plan.manifests():
+        manifest = read_manifest(where)
         files = [s["file"] for s in shards_of(manifest)]
         planned.update(files)
-        out = _read_outputs(run_dir, [f for f in files if f in written], endpoint_url)
+        out = _read_outputs(plan.run, [f for f in files if f in written])
         m, u, d = compare_paths(manifest.column("path").combine_chunks(), out.column("path"))
         missing, unexpected, duplicated = missing + m, unexpected + u, duplicated + d
         _add_counts(counts, out)
     stray = sorted(written - planned)
     if stray:  # outputs of no planned shard: their rows are all unexpected
-        extra = _read_outputs(run_dir, stray, endpoint_url)
+        extra = _read_outputs(plan.run, stray)
         unexpected += extra.num_rows
     if missing or unexpected or duplicated:
         raise RuntimeError(

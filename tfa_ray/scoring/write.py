@@ -96,14 +96,13 @@ def shard_table(
 
 def write_shard(
     batch: dict[str, Any],
-    run_dir: str,
+    run: storage.Location,
     run_id: str,
     heatmaps: bool,
-    endpoint_url: str | None,
     full_res: bool = False,
 ) -> dict[str, list]:
-    """Build the shard's table and write it atomically under its planned name; returns the
-    shard's counts.
+    """Build the shard's table and write it atomically under its planned name in the run
+    directory ``run``; returns the shard's counts.
 
     A shard with transient error rows gets its retry marker *before* its file is written, and a
     clean shard loses its marker only *after*: a crash in between leaves one more rescore, never
@@ -115,14 +114,14 @@ def write_shard(
     table = shard_table(items, maps, model, category, run_id, heatmaps, full_res)
     kinds = table.column("error_kind").to_pylist()
     transient = kinds.count(TRANSIENT)
-    marker = storage.join(run_dir, retry_marker(file))
+    marker = run.join(retry_marker(file))
     if transient:
-        storage.write_bytes(marker, json.dumps({"transient": transient}).encode(), endpoint_url)
+        marker.write_bytes(json.dumps({"transient": transient}).encode())
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(storage.join(run_dir, file), buf.getvalue(), endpoint_url)
+    run.join(file).write_bytes(buf.getvalue())
     if not transient:
-        storage.remove(marker, endpoint_url)
+        marker.remove()
     status = table.column("status").to_pylist()
     return {
         "file": [file],
