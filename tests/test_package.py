@@ -92,6 +92,9 @@ def test_removed_config_fields_load_only_when_they_were_off(caplog):
         assert preset_from_dict(data) == preset
     assert "feature_pool" in caplog.text and "denoise_fraction" in caplog.text
     assert data["model"]["feature_pool"] == 1  # the caller's dict is left as it was
+    # a training-time choice whose outcome the package holds elsewhere loads at any value
+    data["train"]["try_fusion_weights"] = [0.0, 0.5]
+    assert preset_from_dict(data) == preset
     for section, name, value in [("model", "feature_pool", 3), ("train", "denoise_fraction", 0.5)]:
         bad = to_dict(preset)
         bad[section][name] = value

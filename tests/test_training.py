@@ -47,7 +47,7 @@ def trained(synth_root):
         model__gaussian_size=8,
         model__gaussian_channels=16,
         model__residual_gaussian=True,
-        train__try_fusion_weights=(0.0, 0.5),
+        anomaly__w_reconstruction=0.5,
         train__try_statistics=("gaussian", "residual"),
         model__knn_memory=64,
         anomaly__w_knn=0.5,
@@ -101,9 +101,9 @@ def test_fit_trains_selects_on_normal_images_and_calibrates(trained):
     assert result.preset.anomaly.w_reconstruction in (0.0, 0.5, 1.0)
     assert result.preset.anomaly.statistics in ("gaussian", "residual")
     assert result.preset.anomaly.image_evidence in ("map", "statistics")
-    # every (test passes, statistics, fusion weight, image evidence) was tried on the selection
-    # split (the reconstruction alone, scored from its own map, once), the best kept
-    tried = 3 * (2 * 3 * 2 - 1)
+    # every (test passes, statistics, image evidence) was tried on the selection split, the
+    # best kept
+    tried = 3 * 2 * 2
     assert len(result.selection) == tried and max(result.selection.values()) == best_inference
     assert result.detector.cfg == result.preset.model
     assert result.num_val >= 1 and result.num_calib >= 1

@@ -138,16 +138,14 @@ class TrainConfig:
     # held-out selection set and keep the best; () = keep the configured one.
     try_test_mask_passes: tuple[int, ...] = ()
     try_test_mask_blocks: tuple[int, ...] = ()  # the same for the "blocks" layout
-    # Reconstruction weights in the fused map tried on the selection set (models with a
-    # Gaussian); () = keep anomaly.w_reconstruction.
-    try_fusion_weights: tuple[float, ...] = ()
-    # ... and which statistical map to fuse with (see AnomalyConfig.statistics); () = keep it
+    # Which statistical maps to try fusing with on the selection set (models with a Gaussian;
+    # see AnomalyConfig.statistics); () = keep anomaly.statistics
     try_statistics: tuple[str, ...] = ()
     # ... and what the image score is taken from (see AnomalyConfig.image_evidence)
     try_image_evidence: tuple[str, ...] = ()
     # Choose the fused map's shares (reconstruction, statistics, kNN) per category on the
     # selection split (tfa_ray.selection.evidence_mix) instead of anomaly.w_reconstruction /
-    # w_knn and try_fusion_weights (models with a Gaussian)
+    # w_knn (models with a Gaussian)
     select_mix: bool = False
 
 
@@ -287,9 +285,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 # Fields that were removed, no preset having used them, with the value that meant "off": a
 # package written before carries them in its config.json, and still loads if it had them off.
+# ANY_VALUE: a choice made during training whose outcome the package holds elsewhere, so any
+# value loads.
+ANY_VALUE = object()
 REMOVED_FIELDS: dict[str, dict[str, Any]] = {
     "ModelConfig": {"feature_pool": 1},  # local average pooling of the features
-    "TrainConfig": {"denoise_fraction": 0.0},  # training inputs with pasted defects
+    "TrainConfig": {
+        "denoise_fraction": 0.0,  # training inputs with pasted defects
+        # reconstruction weights tried on the selection split: train.select_mix replaced it,
+        # and the weight chosen is anomaly.w_reconstruction
+        "try_fusion_weights": ANY_VALUE,
+    },
 }
 
 
@@ -299,7 +305,7 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
     removed = REMOVED_FIELDS.get(cls.__name__, {})
     for name in sorted(set(data) & set(removed) - set(known)):
         value = data.pop(name)
-        if value != removed[name]:
+        if removed[name] is not ANY_VALUE and value != removed[name]:
             raise ValueError(
                 f"{cls.__name__}.{name} = {value!r}: this option was removed "
                 f"(only its off value {removed[name]!r} still loads)"

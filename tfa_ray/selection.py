@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import time
 
 import numpy as np
@@ -266,14 +265,12 @@ def select_inference(
     trials = [(preset.model.test_mask_passes, preset.model.test_mask_layout)]
     trials += [(p, "lattice") for p in tcfg.try_test_mask_passes]
     trials += [(p, "blocks") for p in tcfg.try_test_mask_blocks]
-    weights = tuple(dict.fromkeys((preset.anomaly.w_reconstruction, *tcfg.try_fusion_weights)))
     stats = tuple(dict.fromkeys((preset.anomaly.statistics, *tcfg.try_statistics)))
     sources = tuple(dict.fromkeys((preset.anomaly.image_evidence, *tcfg.try_image_evidence)))
     if detector.residual_gaussian is None:
         stats = tuple(s for s in stats if s != "residual")
     if detector.gaussian is None:
-        weights, stats = (preset.anomaly.w_reconstruction,), (preset.anomaly.statistics,)
-        sources = ("map",)
+        stats, sources = (preset.anomaly.statistics,), ("map",)
     masks, bs = prep.val.masks, tcfg.batch_size
     norms = detector.map_norms()
     # the residual Gaussian is refitted for each test-time masking (P passes: P forwards per
@@ -326,11 +323,12 @@ def select_inference(
                     label = f"{stat} mix={mix_text(mix)} image={source}"
                     candidates.append((anomaly_cfg, mix, signals, label))
                 continue
-            for w, source in itertools.product(weights, sources):
+            w = preset.anomaly.w_reconstruction
+            for source in sources:
                 if w >= 1 and stat != stats[0] and source == "map":
                     continue  # the reconstruction alone: already tried
                 anomaly_cfg = dataclasses.replace(
-                    preset.anomaly, w_reconstruction=w, statistics=stat, image_evidence=source
+                    preset.anomaly, statistics=stat, image_evidence=source
                 )
                 label = f"{stat} w_rec={w:g} image={source}"
                 candidates.append((anomaly_cfg, mix_of(anomaly_cfg), (), label))
