@@ -206,9 +206,9 @@ def stage_rows(paths: list[str], model_dir: str, size: int, repeats: int, workdi
     ]
     models = {"line": {"name": "tfa-line", "version": 1, "image_size": size}}
     scorer = stand_in_scorer()(LocalResolver({"line": model_dir}), device="cpu", num_threads=1)
-    plan_dir = os.path.join(workdir, "stage-plan")  # the decode stage reads a manifest's shard
+    plan = storage.resolve(os.path.join(workdir, "stage-plan"))  # the decode stage reads a shard
     table = pa.table({"path": sample, "category": ["line"] * len(sample)})
-    manifest = storage.join(plan_dir, write_manifest([table], plan_dir, len(sample)).files[0])
+    manifest = plan.join(write_manifest([table], plan, len(sample)).files[0]).url
     shard = {"file": ["f"], "category": ["line"], "manifest": [manifest], "shard": [0]}
     for label, gpu in (("cpu decode", False), ("encoded", True)):
         batch = decode_shard(shard, models, MAX_PIXELS, None, gpu_decode=gpu)

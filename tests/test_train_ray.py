@@ -55,7 +55,14 @@ def test_failure_injection_resumes_from_checkpoint(
     assert summary["resumed_from_epoch"] == 2  # not restarted from zero
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert sorted(os.listdir(pkg)) == sorted(
-        ["weights.safetensors", "config.json", "template.png", "calibration.json", "meta.json"]
+        [
+            "weights.safetensors",
+            "config.json",
+            "template.png",
+            "calibration.json",
+            "meta.json",
+            "selection.json",
+        ]
     )
     # checkpoints: the last few only, none with a second copy of the net; the best weights once
     (run,) = (tmp_path / "ckpt").iterdir()
