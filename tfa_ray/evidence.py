@@ -113,6 +113,12 @@ def greedy_coreset(
     return chosen
 
 
+# Patches the greedy coreset chooses from (a seeded random draw beyond): every patch of a
+# category up to ~190 images at 32 x 32. Which 100,000 of the tyre's 172,000 were drawn moved
+# its kNN map's AUPRO by 0.006; the greedy pass costs ~0.25 s per 1,000 candidates on 2 cores.
+CORESET_CANDIDATES = 200_000
+
+
 class KNNEvidence(nn.Module):
     """Distance of each (3 x 3 locally aggregated) feature to its nearest normal patch in a
     coreset memory bank (PatchCore)."""
@@ -129,7 +135,9 @@ class KNNEvidence(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, P, C)
 
     @torch.no_grad()
-    def fit(self, batches, candidates: int = 100_000, seed: int = 0, total: int = 0) -> KNNEvidence:
+    def fit(
+        self, batches, candidates: int = CORESET_CANDIDATES, seed: int = 0, total: int = 0
+    ) -> KNNEvidence:
         """Coreset of the normal patches: a seeded random sample of at most ``candidates``
         patches, thinned by greedy k-center to the bank size. With ``total`` (the number of
         patches the batches hold) the sample is drawn batch by batch, so the whole set never
