@@ -86,10 +86,9 @@ class ModelCache:
         alone, self._alone = self._alone, None
         if alone is not None and alone[0] != key and self.on_evict is not None:
             self.on_evict(alone[0], alone[1])  # it was the least recently used
-        nbytes = int(self.size(value))
-        if nbytes <= self.max_bytes:
-            self._lru[key] = value
-            return
-        while self._lru:  # cachetools raises ValueError for it: empty the cache, keep it alone
-            self._lru.popitem()
-        self._alone = (key, value, nbytes)
+        try:
+            self._lru[key] = value  # sized once, by the LRUCache
+        except ValueError:  # cachetools refuses a value over the bound: empty, keep it alone
+            while self._lru:
+                self._lru.popitem()
+            self._alone = (key, value, int(self.size(value)))
