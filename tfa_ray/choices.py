@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from tfa_ray.config import AnomalyConfig, Preset
 
 MIX = ("reconstruction", "statistics", "knn")  # the fused map's parts, in this order
+SELECTION_FILE = "selection.json"  # the record's file in a package (older ones have none)
 
 
 def mix_of(cfg: AnomalyConfig, knn: bool = True) -> tuple[float, float, float]:

@@ -178,10 +178,10 @@ PAPER = Preset(
 # noisy bottleneck, standardised features, and three kinds of evidence whose normalised maps
 # are mixed to localise: the reconstruction, a per-position Gaussian (of the features or of
 # the reconstruction residual) and a PatchCore memory. The mix is chosen per category on the
-# selection split (train.select_mix: each evidence's separation of synthetic defects times
-# its reliability, how well its training-image maps predict held-out normal ones; the equal
-# thirds of anomaly.w_* are the fallback), as are the image score (from that map or from the
-# Gaussian alone), its kind and test-time masking.
+# selection split (train.select_mix, tfa_ray.selection.evidence_mix: the kNN memory as the
+# reference, the other two joining it where they separate synthetic defects better, weighed
+# by their reliability; the equal thirds of anomaly.w_* are the fallback), as are the image
+# score (from that map or from the Gaussian alone), its kind and test-time masking.
 BEYOND_PAPER_MODEL = dict(
     standardize_features=True,
     num_templates=8,
@@ -310,7 +310,7 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
                 f"{cls.__name__}.{name} = {value!r}: this option was removed "
                 f"(only its off value {removed[name]!r} still loads)"
             )
-        log.info("config: %s.%s (removed; it was off) ignored", cls.__name__, name)
+        log.info("config: %s.%s = %r (removed) ignored", cls.__name__, name, value)
     unknown = set(data) - set(known)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")

@@ -31,7 +31,7 @@ from safetensors.torch import save as save_safetensors
 
 from tfa_ray import storage
 from tfa_ray.calibration import Calibration, Calibrations, is_anomalous
-from tfa_ray.choices import InferenceChoice
+from tfa_ray.choices import SELECTION_FILE, InferenceChoice
 from tfa_ray.config import Preset, preset_from_json, preset_to_json
 from tfa_ray.inference import TFAModel
 from tfa_ray.model import Detector
@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 FILES = ("weights.safetensors", "config.json", "template.png", "calibration.json", "meta.json")
-SELECTION_FILE = "selection.json"  # optional: older packages have none
 
 
 def template_png(detector: Detector) -> bytes:

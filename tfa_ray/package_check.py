@@ -16,7 +16,7 @@ from typing import Any
 
 from tfa_ray import storage
 from tfa_ray.calibration import Calibrations
-from tfa_ray.choices import InferenceChoice
+from tfa_ray.choices import SELECTION_FILE, InferenceChoice
 
 # the fields a calibration entry needs as numbers (tfa_ray.calibration.Calibration)
 CALIBRATION_NUMBERS = (
@@ -111,8 +111,8 @@ def check_package(url: str | storage.Location, endpoint_url: str | None = None) 
     except (ValueError, TypeError, KeyError) as e:
         raise PackageError(f"calibration.json: {e}") from None
     check_weights(read("weights.safetensors"))
-    if package.join("selection.json").exists():  # older packages have none
+    if package.join(SELECTION_FILE).exists():  # older packages have none
         try:
-            InferenceChoice.from_json(read("selection.json").decode())
+            InferenceChoice.from_json(read(SELECTION_FILE).decode())
         except (ValueError, TypeError, KeyError) as e:
-            raise PackageError(f"selection.json: {e}") from None
+            raise PackageError(f"{SELECTION_FILE}: {e}") from None

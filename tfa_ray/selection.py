@@ -283,12 +283,11 @@ def select_inference(
     def on_scale(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {kind: norms[kind](m) for kind, m in maps.items()}
 
-    base_model_cfg = detector.cfg
     best: tuple[InferenceChoice, dict] | None = None
     tried: dict[str, float] = {}
     for passes, layout in dict.fromkeys(trials):
         detector.cfg = dataclasses.replace(
-            base_model_cfg, test_mask_passes=passes, test_mask_layout=layout
+            preset.model, test_mask_passes=passes, test_mask_layout=layout
         )
         fitted = {}
         if detector.residual_gaussian is not None:
